@@ -1,0 +1,1 @@
+"""cocoa.datagen.sources."""

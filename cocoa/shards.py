@@ -1,0 +1,457 @@
+"""Sharded Arrow datasets: atomic, checksummed, streaming, and readable by Hugging Face ``datasets``.
+
+Format (one dataset = one directory)::
+
+    DIR/manifest.json          schema version, record type, rows, per-shard sha256, provenance
+    DIR/shard-00000.arrow      Arrow IPC *file* format (Feather v2), schema metadata carries the
+    DIR/shard-00001.arrow      HF features (images as datasets.Image) and cocoa's record type
+    DIR/images/...             optional content-addressed image files referenced by relative path
+
+Why Arrow IPC files: ``datasets.load_dataset("arrow", data_files=...)`` reads them (images decode to
+PIL through the ``Image`` feature stored in the schema metadata), pyarrow memory-maps them for
+random access without loading, and Polars scans them lazily (``pl.scan_ipc``). Shards are always
+written through pyarrow (Polars-written files would lose the HF metadata).
+
+Atomicity: a shard is written to a hidden temporary name, fsynced, then renamed; the manifest is
+rewritten (also tmp + rename) after every committed shard and lists only complete shards. A manifest
+with ``complete: false`` belongs to an interrupted writer: readers refuse it unless asked
+(``allow_incomplete=True``, used by resuming writers), and an appending writer cleans up leftovers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+from pydantic import BaseModel, ConfigDict, Field
+
+from .records import RECORD_TYPES, SCHEMA_VERSION, RecordError, from_row, schema_for, to_row
+
+MANIFEST = "manifest.json"
+FORMAT = "cocoa-shards"
+
+
+class ShardError(RecordError):
+    """A dataset directory or shard cannot be used as it is; the message says which and what to do."""
+
+
+class ShardInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    file: str
+    num_rows: int
+    bytes: int
+    sha256: str
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format: str = FORMAT
+    schema_version: int = SCHEMA_VERSION
+    record_type: str
+    num_rows: int = 0
+    complete: bool = False
+    shards: list[ShardInfo] = Field(default_factory=list)
+    provenance: dict[str, Any] = Field(default_factory=dict)
+    created: float = Field(default_factory=time.time)
+    updated: float = Field(default_factory=time.time)
+
+
+# ---------------------------------------------------------------------------------------------
+# small atomic-file helpers (used across the project)
+# ---------------------------------------------------------------------------------------------
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories; durability is best effort there
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so a reader sees the old file or the whole new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# manifest
+# ---------------------------------------------------------------------------------------------
+def is_dataset(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    path = Path(path)
+    mf = path / MANIFEST
+    if not path.exists():
+        raise ShardError(f"{path} does not exist; create it first (e.g. `cocoa-data scenes` or `cocoa-data synth`)")
+    if not mf.is_file():
+        raise ShardError(
+            f"{path} is not a cocoa dataset: it has no {MANIFEST}. Point at a directory written by cocoa "
+            "(e.g. shards/original, shards/curated) or regenerate it"
+        )
+    try:
+        data = json.loads(mf.read_text())
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{mf} is not valid JSON ({e}); the dataset is damaged: regenerate it") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ShardError(f"{mf} is not a cocoa manifest (format != {FORMAT!r}); regenerate the dataset")
+    try:
+        m = Manifest.model_validate(data)
+    except Exception as e:
+        raise ShardError(f"{mf} is malformed ({e}); regenerate the dataset") from None
+    if m.schema_version > SCHEMA_VERSION:
+        raise ShardError(f"{path} uses schema version {m.schema_version}; this cocoa reads <= {SCHEMA_VERSION}: upgrade cocoa")
+    if m.record_type not in RECORD_TYPES:
+        raise ShardError(f"{mf}: unknown record type {m.record_type!r}")
+    return m
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------------------------
+class ShardWriter:
+    """Streaming, atomic shard writer.
+
+    ``mode``: ``"create"`` (refuse an existing dataset), ``"overwrite"`` (replace it atomically at
+    close: the new shards are written beside, the old ones removed only after the new manifest is
+    in place), or ``"append"`` (continue an existing, possibly interrupted dataset: resumable jobs).
+    Records are validated models or plain dicts already matching the schema (``write_row``).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        record_type: str,
+        *,
+        mode: str = "create",
+        max_rows: int = 10_000,
+        max_bytes: int = 256 << 20,
+        provenance: dict[str, Any] | None = None,
+    ) -> None:
+        if record_type not in RECORD_TYPES:
+            raise ShardError(f"unknown record type {record_type!r}; known: {', '.join(RECORD_TYPES)}")
+        if mode not in ("create", "overwrite", "append"):
+            raise ValueError(f"mode must be create, overwrite or append, not {mode!r}")
+        self.path = Path(path)
+        self.record_type = record_type
+        self.schema = schema_for(record_type)
+        self.max_rows = max(1, int(max_rows))
+        self.max_bytes = max(1, int(max_bytes))
+        self._rows: list[dict[str, Any]] = []
+        self._bytes = 0
+        self._closed = False
+        self._old_files: list[Path] = []
+        self.path.mkdir(parents=True, exist_ok=True)
+        existing = (self.path / MANIFEST).is_file()
+        if existing and mode == "create":
+            raise ShardError(f"{self.path} already holds a dataset; pass overwrite (--overwrite) or choose another directory")
+        self._prefix = "shard"
+        if existing and mode == "append":
+            self.manifest = read_manifest(self.path)
+            if self.manifest.record_type != record_type:
+                raise ShardError(
+                    f"{self.path} holds {self.manifest.record_type} records, not {record_type}; use another directory"
+                )
+            self.manifest.complete = False
+            if provenance:
+                self.manifest.provenance.update(provenance)
+        else:
+            if existing:  # overwrite: keep old shards until the new manifest is in place
+                self._old_files = [self.path / s.file for s in read_manifest(self.path).shards]
+                self._prefix = f"shard-{int(time.time() * 1000) % 10**10:010d}"
+            self.manifest = Manifest(record_type=record_type, provenance=provenance or {})
+        self._cleanup_leftovers()
+        self._next_index = len(self.manifest.shards)
+        self._write_manifest()
+
+    # -- housekeeping ----------------------------------------------------------------------------
+    def _cleanup_leftovers(self) -> None:
+        listed = {s.file for s in self.manifest.shards} | {p.name for p in self._old_files}
+        for p in self.path.iterdir():
+            if p.name.startswith(".") and ".tmp" in p.name:
+                p.unlink(missing_ok=True)  # a temp file of an interrupted writer: never complete
+            elif p.suffix == ".arrow" and p.name not in listed:
+                p.unlink(missing_ok=True)  # renamed but never recorded in the manifest: redo it
+
+    def _write_manifest(self) -> None:
+        self.manifest.updated = time.time()
+        atomic_write_json(self.path / MANIFEST, self.manifest.model_dump())
+
+    # -- writing ---------------------------------------------------------------------------------
+    def write(self, record: BaseModel) -> None:
+        self.write_row(to_row(record))
+
+    def write_many(self, records: Iterable[BaseModel]) -> None:
+        for r in records:
+            self.write(r)
+
+    def write_row(self, row: dict[str, Any]) -> None:
+        if self._closed:
+            raise ShardError("this writer is closed")
+        self._rows.append(row)
+        self._bytes += _approx_size(row)
+        if len(self._rows) >= self.max_rows or self._bytes >= self.max_bytes:
+            self.flush()
+
+    def write_table(self, table: pa.Table) -> None:
+        """Write an Arrow table whose columns match the record schema (fast path, no validation)."""
+        table = table.select(self.schema.names).cast(self.schema)
+        for start in range(0, table.num_rows, self.max_rows):
+            self._commit(table.slice(start, self.max_rows))
+
+    def flush(self) -> None:
+        """Commit buffered rows as one complete shard (a durable point for resumable jobs)."""
+        if not self._rows:
+            return
+        try:
+            table = pa.Table.from_pylist(self._rows, schema=self.schema)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise ShardError(f"{self.path}: rows do not match the {self.record_type} schema ({e})") from None
+        self._rows, self._bytes = [], 0
+        self._commit(table)
+
+    def _commit(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        name = f"{self._prefix}-{self._next_index:05d}.arrow"
+        self._next_index += 1
+        final = self.path / name
+        tmp = self.path / f".{name}.tmp-{os.getpid()}"
+        with pa.OSFile(str(tmp), "wb") as sink:
+            with ipc.new_file(sink, table.schema.with_metadata(self.schema.metadata)) as w:
+                w.write_table(table, max_chunksize=1024)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        digest = sha256_file(tmp)
+        size = tmp.stat().st_size
+        os.replace(tmp, final)
+        fsync_dir(self.path)
+        self.manifest.shards.append(ShardInfo(file=name, num_rows=table.num_rows, bytes=size, sha256=digest))
+        self.manifest.num_rows += table.num_rows
+        self._write_manifest()
+
+    def close(self, provenance: dict[str, Any] | None = None) -> Manifest:
+        if self._closed:
+            return self.manifest
+        self.flush()
+        if provenance:
+            self.manifest.provenance.update(provenance)
+        self.manifest.complete = True
+        self._write_manifest()
+        for p in self._old_files:
+            p.unlink(missing_ok=True)
+        self._closed = True
+        return self.manifest
+
+    def abort(self) -> None:
+        """Leave the dataset marked incomplete (readers refuse it); buffered rows are discarded."""
+        self._rows = []
+        self._closed = True
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:  # type: ignore[no-untyped-def]
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _approx_size(row: dict[str, Any]) -> int:
+    n = 0
+    for v in row.values():
+        if isinstance(v, (bytes, str)):
+            n += len(v)
+        elif isinstance(v, dict):
+            n += _approx_size(v)
+        elif isinstance(v, list):
+            n += sum(_approx_size(x) if isinstance(x, dict) else len(x) if isinstance(x, (str, bytes)) else 8 for x in v)
+        else:
+            n += 8
+    return n
+
+
+def write_records(
+    path: str | Path,
+    record_type: str,
+    records: Iterable[BaseModel],
+    *,
+    overwrite: bool = False,
+    provenance: dict[str, Any] | None = None,
+    max_rows: int = 10_000,
+    max_bytes: int = 256 << 20,
+) -> Manifest:
+    """Write records to a new dataset directory (atomically per shard) and return its manifest."""
+    with ShardWriter(
+        path, record_type, mode="overwrite" if overwrite else "create", max_rows=max_rows, max_bytes=max_bytes,
+        provenance=provenance,
+    ) as w:
+        w.write_many(records)
+    return w.manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------------------
+class ShardDataset:
+    """A verified dataset directory. Iterate record batches or records without loading it whole."""
+
+    def __init__(self, path: str | Path, *, verify: bool = True, allow_incomplete: bool = False,
+                 record_type: str | None = None) -> None:
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        if record_type is not None and self.manifest.record_type != record_type:
+            raise ShardError(f"{self.path} holds {self.manifest.record_type} records, expected {record_type}")
+        if not self.manifest.complete and not allow_incomplete:
+            raise ShardError(
+                f"{self.path} is incomplete: the job writing it was interrupted. Rerun the command that made it "
+                "(cocoa's writers resume), or delete the directory"
+            )
+        for s in self.manifest.shards:
+            f = self.path / s.file
+            if not f.is_file():
+                raise ShardError(f"{f} is listed in the manifest but missing; regenerate the dataset")
+            if f.stat().st_size != s.bytes:
+                raise ShardError(
+                    f"{f} has {f.stat().st_size} bytes but the manifest says {s.bytes}: it is truncated or was "
+                    "modified; regenerate the dataset"
+                )
+            if verify and sha256_file(f) != s.sha256:
+                raise ShardError(f"{f} fails its sha256 checksum (corrupted or modified); regenerate the dataset")
+
+    @property
+    def record_type(self) -> str:
+        return self.manifest.record_type
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.path / s.file for s in self.manifest.shards]
+
+    @property
+    def schema(self) -> pa.Schema:
+        return schema_for(self.record_type)
+
+    def __len__(self) -> int:
+        return self.manifest.num_rows
+
+    def _open(self, f: Path) -> ipc.RecordBatchFileReader:
+        try:
+            return ipc.open_file(pa.memory_map(str(f), "r"))
+        except (pa.ArrowInvalid, OSError) as e:
+            raise ShardError(f"{f} is not a readable Arrow shard ({e}); regenerate the dataset") from None
+
+    def iter_batches(self, columns: list[str] | None = None) -> Iterator[tuple[Path, int, pa.RecordBatch]]:
+        """Yield ``(file, first_row_index_in_file, batch)`` per record batch, memory-mapped."""
+        for f in self.files:
+            reader = self._open(f)
+            off = 0
+            for i in range(reader.num_record_batches):
+                try:
+                    b = reader.get_batch(i)
+                except (pa.ArrowInvalid, OSError) as e:
+                    raise ShardError(f"{f}: record batch {i} is unreadable ({e}); regenerate the dataset") from None
+                yield f, off, (b.select(columns) if columns else b)
+                off += b.num_rows
+
+    def iter_rows(self, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
+        for _, _, b in self.iter_batches(columns):
+            yield from b.to_pylist()
+
+    def __iter__(self) -> Iterator[Any]:
+        for f, off, b in self.iter_batches():
+            for j, row in enumerate(b.to_pylist()):
+                yield from_row(self.record_type, row, where=f"{f} row {off + j}")
+
+    def table(self, columns: list[str] | None = None) -> pa.Table:
+        """Concatenate all shards (memory-mapped; cheap unless you convert it)."""
+        tables = [self._open(f).read_all() for f in self.files]
+        if not tables:
+            return self.schema.empty_table().select(columns) if columns else self.schema.empty_table()
+        t = pa.concat_tables(tables)
+        return t.select(columns) if columns else t
+
+    def scan(self):  # type: ignore[no-untyped-def]
+        """A Polars LazyFrame over the shards."""
+        import polars as pl
+
+        if not self.files:
+            return pl.from_arrow(self.schema.empty_table()).lazy()
+        return pl.scan_ipc([str(f) for f in self.files])
+
+    def to_hf(self, **kw: Any):  # type: ignore[no-untyped-def]
+        """The dataset through Hugging Face ``datasets`` (images decode to PIL)."""
+        import datasets
+
+        return datasets.load_dataset("arrow", data_files=[str(f) for f in self.files], split="train", **kw)
+
+
+def open_dataset(path: str | Path, **kw: Any) -> ShardDataset:
+    return ShardDataset(path, **kw)
+
+
+def read_records(path: str | Path, **kw: Any) -> Iterator[Any]:
+    yield from ShardDataset(path, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# workspace convention
+# ---------------------------------------------------------------------------------------------
+class Workspace:
+    """The pipeline's directories under one root (default ``./shards``)::
+
+        original/            PairRecord   source pairs (MMEB-train or scenes)
+        synthetic/           SynthRecord  teacher captions and QA
+        synthetic/quarantine QuarantineRecord  teacher output that failed validation (raw text + reason)
+        curated/             SynthRecord  synthetic rows that passed curation
+        curated/rejected     QuarantineRecord  rows curation dropped, with the rule
+        mix/                 MixRecord    original + curated at a ratio, with provenance
+        eval/                EvalRecord   evaluation sets (scenes), when materialised here
+    """
+
+    def __init__(self, root: str | Path = "shards") -> None:
+        self.root = Path(root)
+
+    original = property(lambda self: self.root / "original")
+    synthetic = property(lambda self: self.root / "synthetic")
+    quarantine = property(lambda self: self.root / "synthetic" / "quarantine")
+    curated = property(lambda self: self.root / "curated")
+    rejected = property(lambda self: self.root / "curated" / "rejected")
+    mix = property(lambda self: self.root / "mix")
+    eval = property(lambda self: self.root / "eval")
