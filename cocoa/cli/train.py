@@ -14,6 +14,17 @@ def cli(ctx: click.Context) -> None:
         not_implemented("cocoa-train")
 
 
+def _register() -> None:
+    # Model-building helpers (tiny offline model, generative pre-training) live in their own module.
+    from . import train_tiny
+
+    for cmd in train_tiny.COMMANDS:
+        cli.add_command(cmd)
+
+
+_register()
+
+
 def main() -> None:
     cli(prog_name="cocoa-train")
 
