@@ -46,11 +46,11 @@ def inspect(path: Path, rows: int, no_verify: bool) -> None:
     t.add_row("total", str(m.num_rows), f"{sum(s.bytes for s in m.shards):,}", "verified" if not no_verify else "")
     con.print(t)
     if m.provenance:
-        con.print("provenance:", json.dumps(m.provenance, default=str)[:2000])
+        con.print("provenance: " + json.dumps(m.provenance, default=str)[:2000], soft_wrap=True, markup=False)
     for i, rec in enumerate(ds):
         if i >= rows:
             break
-        con.print(f"[bold]{i}[/bold]", payload_json(rec)[:600])
+        con.print(f"{i}: " + payload_json(rec)[:600], soft_wrap=True, markup=False)
 
 
 def _register() -> None:
