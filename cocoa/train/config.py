@@ -1,0 +1,211 @@
+"""``TrainConfig``: every setting of ``cocoa-train`` in one pydantic model (YAML + one flag per field).
+
+Sections: top-level run settings, ``lora`` (parameter-efficient or full fine-tuning), and one section
+per stage (``stage1``, ``stage2``, ``stage3``), flattened to flags such as ``--stage3-lr``.
+
+Defaults follow the CoCoA paper / authors' scripts (LoRA r=8, alpha=64 with DoRA, lr 2e-5, linear
+schedule with warmup; stage 1 text mask 0.2, image mask 0.5, lambda 0.5; stage 2 B mask 0.7; stage 3
+temperature 0.02, global batch 1024 through GradCache). Those suit 2B/7B backbones on GPUs. The offline
+tiny model needs other settings (full fine-tuning, a higher lr, small batches): ``--preset tiny``, which
+is also chosen automatically (``--preset auto``) when no ``--model`` is given and the embedded tiny
+model is used. Precedence: defaults < preset < YAML file < flags.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from ..config import Config, ConfigError, _deep_merge
+
+ALL_STAGES = (1, 2, 3)
+
+# Qwen2-VL / Qwen2.5-VL module names: LLM attention + MLP, vision tower attention (qkv, proj) + MLP.
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                   "qkv", "fc1", "fc2"]
+
+
+def parse_stages(value: str | list[int] | tuple[int, ...]) -> list[int]:
+    """``"1,2,3"`` -> ``[1, 2, 3]``; any non-empty, strictly increasing subset of 1, 2, 3."""
+    if isinstance(value, int):
+        items: list[Any] = [value]
+    elif isinstance(value, str):
+        items = [v.strip() for v in value.replace(" ", ",").split(",") if v.strip()]
+    else:
+        items = list(value)
+    stages: list[int] = []
+    for v in items:
+        try:
+            s = int(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"--stages: {v!r} is not a stage number; use a comma list such as 1,2,3") from None
+        if s not in ALL_STAGES:
+            raise ValueError(f"--stages: there is no stage {s}; CoCoA has stages 1, 2 and 3 (e.g. --stages 1,2,3 or 3)")
+        stages.append(s)
+    if not stages:
+        raise ValueError("--stages is empty; give an ordered subset of 1,2,3 such as 1,2,3 or 3")
+    if len(set(stages)) != len(stages):
+        raise ValueError(f"--stages {value}: a stage is repeated; each stage runs at most once")
+    if stages != sorted(stages):
+        raise ValueError(
+            f"--stages {value}: stages must be given in order (stage k starts from stage k-1's output); "
+            f"did you mean {','.join(map(str, sorted(stages)))}?"
+        )
+    return stages
+
+
+class _Section(BaseModel):
+    model_config = {"extra": "forbid", "validate_assignment": True}
+
+
+class LoraSection(_Section):
+    method: Literal["dora", "lora", "full"] = Field(
+        "dora", description="dora / lora (peft adapters merged into the base after each stage) or full fine-tuning")
+    r: int = Field(8, ge=1, description="adapter rank")
+    alpha: float = Field(64.0, gt=0, description="adapter scaling alpha")
+    dropout: float = Field(0.05, ge=0, lt=1, description="adapter dropout")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TARGETS),
+        description="module names given adapters (LLM projections and the vision tower's qkv, fc1, fc2)")
+    train_vision: bool = Field(True, description="also adapt/train the vision tower (its qkv, fc1, fc2)")
+
+
+class StageSection(_Section):
+    """Settings shared by every stage."""
+
+    data: str = Field("mix", description="dataset directory under --data (or an absolute path)")
+    steps: int = Field(2000, ge=0, description="optimizer steps (0: derive from epochs)")
+    epochs: float | None = Field(None, gt=0, description="epochs over the data; used when steps is 0")
+    batch_size: int = Field(64, ge=1, description="global batch (samples per optimizer step, all ranks)")
+    micro_batch_size: int = Field(8, ge=1, description="samples per forward chunk on one rank (accumulation / GradCache chunk)")
+    lr: float = Field(2e-5, gt=0, description="peak learning rate")
+    schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="lr schedule after warmup")
+    warmup_ratio: float = Field(0.05, ge=0, le=1, description="share of steps with linear warmup")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping (0: off)")
+    max_length: int = Field(1024, ge=8, description="maximum sequence length in tokens (image tokens included)")
+    image_min_pixels: int | None = Field(None, ge=1, description="smallest image area in pixels (default: the processor's)")
+    image_max_pixels: int | None = Field(None, ge=1, description="largest image area in pixels (default: the processor's)")
+    attention_backend: Literal["sdpa", "eager", "flex"] = Field(
+        "sdpa", description="attention kernel: sdpa/eager with dense 4D masks, flex (CUDA) with block masks")
+    group_by_length: bool = Field(True, description="length-grouped batching to limit padding")
+    save_every: int = Field(500, ge=0, description="checkpoint every N steps (0: only at the end)")
+
+
+class Stage1Section(StageSection):
+    text_mask_ratio: float = Field(0.2, ge=0, le=1, description="share of caption tokens masked (MNTP)")
+    image_mask_ratio: float = Field(0.5, ge=0, le=1, description="share of image merge units masked (MAE)")
+    mae_weight: float = Field(0.5, ge=0, description="lambda: loss = MNTP + lambda * MAE")
+    mask_fill: Literal["noise", "zero", "mean"] = Field("noise", description="what masked image patches are replaced with")
+    norm_pix_loss: bool = Field(False, description="regress per-patch normalised pixels")
+
+
+class Stage2Section(StageSection):
+    b_mask_ratio: float = Field(0.7, ge=0, le=1, description="share of block-B tokens masked")
+    mask_variant: Literal["paper", "strict"] = Field(
+        "paper", description="collaborative mask: paper (EOS sees everything) or strict (EOS sees only A)")
+
+
+class Stage3Section(StageSection):
+    data: str = Field("original", description="dataset directory under --data (or an absolute path)")
+    batch_size: int = Field(1024, ge=1, description="global contrastive batch (in-batch negatives, all ranks)")
+    micro_batch_size: int = Field(32, ge=1, description="GradCache chunk: samples per forward on one rank")
+    temperature: float = Field(0.02, gt=0, description="InfoNCE temperature")
+    attention: Literal["bidirectional", "causal"] = Field("bidirectional", description="attention for embedding")
+    hard_negatives: bool = Field(True, description="use neg_text/neg_image when the records have them")
+    grad_cache: bool = Field(True, description="GradCache (chunked) instead of one full-batch forward")
+
+
+class TrainConfig(Config):
+    """Settings of ``cocoa-train``."""
+
+    data: Path = Field(Path("shards"), description="workspace holding mix/ (stages 1-2) and original/ (stage 3)")
+    model: str | None = Field(
+        None, description="base model: a local directory or hub id (default: the embedded, generatively pre-trained tiny Qwen2-VL)")
+    out: Path = Field(Path("runs/cocoa"), description="run directory (checkpoints, metrics, stage{k}/model)")
+    stages: str = Field("1,2,3", description="ordered subset of 1,2,3 to run")
+    preset: Literal["auto", "paper", "tiny"] = Field(
+        "auto", description="defaults to start from: paper (2B/7B on GPUs), tiny (the offline tiny model on CPU), "
+                            "auto (tiny when no --model is given)")
+    resume: str = Field("auto", description="auto (latest complete checkpoint), never (refuse existing runs), or a checkpoint dir")
+    overwrite: bool = Field(False, description="delete an existing run directory first")
+    seed: int = Field(0, description="random seed (data order, masks, init)")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="multi-process strategy: auto = DDP for adapters, FSDP2 for full fine-tuning on CUDA")
+    eos_token: str | None = Field(None, description="EOS token pooled for the embedding (default: the model's cocoa.json or <|endoftext|>)")
+    mask_token: str | None = Field(None, description="mask token (default: <|mask|>)")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
+    log_every: int = Field(1, ge=1, description="write a metrics line every N steps")
+    keep_checkpoints: int = Field(2, ge=1, description="complete checkpoints kept per stage")
+    tensorboard: bool = Field(False, description="also write TensorBoard event files under OUT/tensorboard")
+    progress: bool = Field(True, description="rich progress bar")
+    lora: LoraSection = Field(default_factory=LoraSection)
+    stage1: Stage1Section = Field(default_factory=Stage1Section)
+    stage2: Stage2Section = Field(default_factory=Stage2Section)
+    stage3: Stage3Section = Field(default_factory=Stage3Section)
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _v_stages(cls, v: Any) -> str:
+        return ",".join(str(s) for s in parse_stages(v))
+
+    @model_validator(mode="after")
+    def _v_batches(self) -> "TrainConfig":
+        for k in ALL_STAGES:
+            s = self.stage(k)
+            if s.micro_batch_size > s.batch_size:
+                # a micro batch larger than the global batch is never useful; clamp silently-documented
+                object.__setattr__(s, "micro_batch_size", s.batch_size)
+        return self
+
+    @property
+    def stage_list(self) -> list[int]:
+        return parse_stages(self.stages)
+
+    def stage(self, k: int) -> StageSection:
+        return getattr(self, f"stage{k}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# presets
+# ---------------------------------------------------------------------------------------------------
+_TINY_STAGE = {"steps": 30, "batch_size": 16, "micro_batch_size": 16, "lr": 3e-4, "warmup_ratio": 0.1,
+               "max_grad_norm": 1.0, "max_length": 256, "save_every": 0}
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "tiny": {
+        "lora": {"method": "full"},
+        "stage1": dict(_TINY_STAGE),
+        "stage2": dict(_TINY_STAGE, lr=1e-4),
+        "stage3": dict(_TINY_STAGE, lr=3e-4, batch_size=32, micro_batch_size=16, temperature=0.05),
+    },
+}
+
+
+def explicit_settings(config: BaseModel) -> dict[str, Any]:
+    """The settings a user gave (YAML or flags), nested; defaults left out."""
+    return config.model_dump(exclude_unset=True, mode="python")
+
+
+def resolve_preset(config: TrainConfig) -> TrainConfig:
+    """Apply the preset under the explicitly given settings (defaults < preset < YAML < flags)."""
+    preset = config.preset
+    if preset == "auto":
+        preset = "tiny" if config.model is None else "paper"
+    given = explicit_settings(config)
+    merged = _deep_merge(_copy(PRESETS[preset]), given)
+    merged["preset"] = preset
+    cfg = TrainConfig.build(merged, where="preset " + preset)
+    return cfg
+
+
+def _copy(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _copy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+__all__ = ["TrainConfig", "LoraSection", "StageSection", "Stage1Section", "Stage2Section", "Stage3Section",
+           "PRESETS", "resolve_preset", "explicit_settings", "parse_stages", "ConfigError", "DEFAULT_TARGETS"]
