@@ -1,1 +1,24 @@
-"""cocoa.eval."""
+"""cocoa.eval: MMEB-V1 / scenes evaluation (P@1, embedding cache, reports) and :class:`Embedder`.
+
+``evaluate(model_dir, benchmark, ...) -> EvalResult`` is the entry point; see docs/evaluation.md.
+Imports are lazy so ``import cocoa.eval`` stays light (no torch until something is encoded).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["evaluate", "run", "EvalConfig", "EvalResult", "EvalSet", "Embedder", "hits_at_1", "aggregate", "load_sets"]
+
+_WHERE = {
+    "evaluate": "evaluate", "run": "evaluate", "EvalConfig": "evaluate", "EvalError": "evaluate", "load_sets": "evaluate",
+    "EvalResult": "scoring", "hits_at_1": "scoring", "aggregate": "scoring", "EvalSet": "data", "Embedder": "embedder",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(name)

@@ -1,0 +1,184 @@
+"""On-disk embedding cache keyed by model hash + input hash.
+
+Layout::
+
+    CACHE/<model_hash>/model.json          what the hash covers (for humans)
+    CACHE/<model_hash>/chunk-<id>.npz      keys (input hashes, str) + emb (float32 [n, D])
+    CACHE/filehash.json                    memo of big-file digests keyed by (path, size, mtime)
+
+Each chunk is written whole to a hidden temporary file and renamed (``atomic_write_bytes``), so a
+killed run leaves only complete chunks: a rerun re-encodes only what was not yet written. Several
+processes (torchrun ranks, concurrent runs) can add chunks to the same directory; chunk names are
+unique. A chunk that cannot be read is reported and ignored (its inputs are simply encoded again).
+
+The **model hash** covers the weights, the model/tokenizer/processor configuration files and the
+effective embedding spec (``cocoa.json`` after any ``--pooling``/``--eos-token`` override): anything
+that changes an embedding changes the hash. The **input hash** covers the text (after any
+instruction is applied) and the image's bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+import uuid
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from ..records import canonical_json, digest
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+CONFIG_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
+# files in a model directory that do not influence embeddings
+IGNORED_FILES = {"README.md", "training_args.bin", "trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth"}
+CACHE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("COCOA_CACHE", Path.home() / ".cache" / "cocoa")) / "embeddings"
+
+
+def _file_digest(path: Path, memo: dict[str, Any] | None) -> str:
+    """xxh3-128 of a file; memoised by (path, size, mtime, inode). Like git's "racy" rule, a memo entry
+    is trusted only if it was recorded more than 2 s after the file's mtime (coarse mtimes cannot hide a
+    same-size rewrite)."""
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    hit = memo.get(key) if memo is not None else None
+    if isinstance(hit, dict) and hit.get("t", 0) > st.st_mtime + 2:
+        return hit["d"]
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while b := f.read(1 << 24):
+            h.update(b)
+    d = h.hexdigest()
+    if memo is not None:
+        memo[key] = {"d": d, "t": time.time()}
+    return d
+
+
+def model_fingerprint(model_dir: str | Path, spec: dict[str, Any], cache_dir: str | Path | None = None) -> tuple[str, dict[str, Any]]:
+    """``(hash, what_it_covers)`` for a model directory and its effective embedding spec.
+
+    Big weight files are hashed once and memoised (by path, size and mtime) under ``cache_dir``.
+    """
+    model_dir = Path(model_dir)
+    memo_path = Path(cache_dir) / "filehash.json" if cache_dir is not None else None
+    memo: dict[str, Any] = {}
+    if memo_path is not None and memo_path.is_file():
+        try:
+            memo = json.loads(memo_path.read_text())
+        except (json.JSONDecodeError, OSError):
+            memo = {}
+    before = dict(memo)
+    files: dict[str, str] = {}
+    for p in sorted(model_dir.iterdir()):
+        if not p.is_file() or p.name.startswith(".") or p.name in IGNORED_FILES or p.name == "cocoa.json":
+            continue
+        if p.suffix in WEIGHT_SUFFIXES or p.suffix in CONFIG_SUFFIXES:
+            files[p.name] = _file_digest(p, memo if p.suffix in WEIGHT_SUFFIXES else None)
+    if not any(name.endswith(WEIGHT_SUFFIXES) for name in files):
+        from ..records import RecordError
+
+        raise RecordError(f"{model_dir} holds no weights file (*.safetensors / *.bin); point --model at a saved model directory")
+    covered = {"version": CACHE_VERSION, "files": files, "spec": spec}
+    if memo_path is not None and memo != before:
+        from ..shards import atomic_write_json
+
+        try:
+            atomic_write_json(memo_path, memo)
+        except OSError:
+            pass
+    return digest(canonical_json(covered))[:32], covered
+
+
+def input_key(text: str, image_digest: str | None) -> str:
+    """The cache key of one encoder input: its text and the digest of its image bytes (or none)."""
+    return digest(canonical_json([text, image_digest]))
+
+
+class EmbeddingCache:
+    """Embeddings of one model, looked up by input key. ``None`` root = a cache that stores nothing."""
+
+    def __init__(self, root: str | Path | None, model_hash: str, covered: dict[str, Any] | None = None) -> None:
+        self.root = Path(root) / model_hash if root is not None else None
+        self.model_hash = model_hash
+        self._index: dict[str, tuple[int, int]] = {}  # key -> (chunk no, row)
+        self._chunks: list[np.ndarray] = []
+        self._seen: set[str] = set()
+        if self.root is not None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if covered is not None and not (self.root / "model.json").is_file():
+                from ..shards import atomic_write_json
+
+                atomic_write_json(self.root / "model.json", covered)
+            self.refresh()
+
+    @property
+    def enabled(self) -> bool:
+        return self.root is not None
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._index
+
+    def refresh(self) -> None:
+        """Load chunks written since the last look (by this or another process)."""
+        if self.root is None:
+            return
+        for p in sorted(self.root.glob("chunk-*.npz")):
+            if p.name in self._seen:
+                continue
+            self._seen.add(p.name)
+            try:
+                with np.load(p, allow_pickle=False) as z:
+                    keys, emb = z["keys"], z["emb"]
+                if emb.ndim != 2 or len(keys) != emb.shape[0]:
+                    raise ValueError(f"keys {keys.shape} vs emb {emb.shape}")
+            except Exception as e:  # a damaged chunk only costs re-encoding its inputs
+                warnings.warn(f"embedding cache chunk {p} is unreadable ({e}); ignoring it (delete it to silence this)",
+                              stacklevel=2)
+                continue
+            ci = len(self._chunks)
+            self._chunks.append(emb.astype(np.float32, copy=False))
+            for i, k in enumerate(keys.tolist()):
+                self._index.setdefault(k, (ci, i))
+
+    def missing(self, keys: Iterable[str]) -> list[str]:
+        return [k for k in keys if k not in self._index]
+
+    def get(self, keys: Sequence[str]) -> np.ndarray:
+        """Stacked embeddings of ``keys`` (all must be present)."""
+        if not keys:
+            dim = self._chunks[0].shape[1] if self._chunks else 0
+            return np.zeros((0, dim), dtype=np.float32)
+        return np.stack([self._chunks[c][i] for c, i in (self._index[k] for k in keys)])
+
+    def put(self, keys: Sequence[str], emb: np.ndarray, persist: bool = True) -> None:
+        """Add embeddings (memory always; disk as one atomic chunk when the cache has a root and ``persist``)."""
+        emb = np.asarray(emb, dtype=np.float32)
+        if len(keys) != emb.shape[0]:
+            raise ValueError(f"{len(keys)} keys for {emb.shape[0]} embeddings")
+        if not len(keys):
+            return
+        if self.root is not None and persist:
+            from ..shards import atomic_write_bytes
+
+            buf = io.BytesIO()
+            np.savez(buf, keys=np.asarray(list(keys), dtype=np.str_), emb=emb)
+            name = f"chunk-{uuid.uuid4().hex}.npz"
+            atomic_write_bytes(self.root / name, buf.getvalue())
+            self._seen.add(name)
+        ci = len(self._chunks)
+        self._chunks.append(emb)
+        for i, k in enumerate(keys):
+            self._index.setdefault(k, (ci, i))
