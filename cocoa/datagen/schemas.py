@@ -1,0 +1,142 @@
+"""Output schemas for teacher synthesis.
+
+Each task has a pydantic model; its JSON schema drives structured decoding where a backend supports it
+(vLLM ``StructuredOutputsParams`` / ``GuidedDecodingParams``, OpenAI ``response_format``), and every raw
+output is validated against it with :func:`parse_output`, whatever the backend. Invalid output is never
+repaired silently: :class:`OutputError` carries a short machine-readable ``reason`` (``empty``,
+``invalid_json``, ``schema``) and the detail; the orchestrator retries with a new seed and finally
+quarantines the raw text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+
+from ..records import canonical_json, digest
+
+Task = Literal["caption", "qa"]
+TASKS: tuple[str, ...] = ("caption", "qa")
+
+MAX_CAPTION_CHARS = 4000
+MAX_QA_CHARS = 1000
+
+
+class OutputError(ValueError):
+    """Teacher output that does not satisfy the task's schema."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def _clean(v: str, what: str, limit: int) -> str:
+    v = " ".join(v.split())
+    if not v:
+        raise ValueError(f"{what} is empty")
+    if len(v) > limit:
+        raise ValueError(f"{what} has {len(v)} characters, above the limit of {limit}")
+    return v
+
+
+class CaptionOutput(BaseModel):
+    """A fine-grained caption of one image."""
+
+    model_config = ConfigDict(extra="forbid")
+    caption: str = Field(min_length=1, max_length=MAX_CAPTION_CHARS,
+                         description="A detailed, factual description of the image.")
+
+    @field_validator("caption")
+    @classmethod
+    def _v(cls, v: str) -> str:
+        return _clean(v, "caption", MAX_CAPTION_CHARS)
+
+
+class QAPair(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    question: str = Field(min_length=1, max_length=MAX_QA_CHARS)
+    answer: str = Field(min_length=1, max_length=MAX_QA_CHARS)
+
+    @field_validator("question", "answer")
+    @classmethod
+    def _v(cls, v: str, info: Any) -> str:
+        return _clean(v, info.field_name, MAX_QA_CHARS)
+
+
+class _QABase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    qa: list[QAPair]
+
+    @field_validator("qa")
+    @classmethod
+    def _v_unique(cls, v: list[QAPair]) -> list[QAPair]:
+        seen: set[str] = set()
+        for p in v:
+            q = p.question.casefold()
+            if q in seen:
+                raise ValueError(f"question {p.question!r} is repeated")
+            seen.add(q)
+        return v
+
+
+@lru_cache(maxsize=64)
+def qa_model(k: int) -> type[BaseModel]:
+    """The QA output model for up to ``k`` pairs (at least one): ``{"qa": [{question, answer}, ...]}``."""
+    if k < 1:
+        raise ValueError(f"qa_per_image must be >= 1 (got {k})")
+    return create_model(
+        f"QAOutput{k}",
+        __base__=_QABase,
+        qa=(list[QAPair], Field(min_length=1, max_length=k, description=f"1 to {k} question-answer pairs grounded in the image.")),
+    )
+
+
+def output_model(task: str, k: int = 3) -> type[BaseModel]:
+    if task == "caption":
+        return CaptionOutput
+    if task == "qa":
+        return qa_model(k)
+    raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+
+
+def json_schema(task: str, k: int = 3) -> dict[str, Any]:
+    """The JSON schema for structured decoding (``additionalProperties: false`` everywhere)."""
+    return output_model(task, k).model_json_schema()
+
+
+def schema_hash(task: str, k: int = 3) -> str:
+    return digest(canonical_json(json_schema(task, k)))[:16]
+
+
+_FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.S)
+
+
+def parse_output(task: str, raw: str, k: int = 3) -> BaseModel:
+    """Validate raw teacher text as the task's output; raises :class:`OutputError` with a reason.
+
+    A single surrounding Markdown code fence (```json ... ```) is tolerated, as chat models often add
+    one when decoding is unconstrained; nothing else is repaired.
+    """
+    text = (raw or "").strip()
+    if not text:
+        raise OutputError("empty", "the teacher returned no text")
+    m = _FENCE.match(text)
+    if m:
+        text = m.group(1)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise OutputError("invalid_json", f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    try:
+        return output_model(task, k).model_validate(data)
+    except ValidationError as e:
+        errs = []
+        for err in e.errors()[:3]:
+            loc = ".".join(str(x) for x in err["loc"]) or "output"
+            errs.append(f"{loc}: {err['msg']}")
+        raise OutputError("schema", "; ".join(errs)) from None

@@ -1,0 +1,135 @@
+"""The teacher interface: one small class per backend, each with ``generate(requests) -> results``.
+
+A :class:`TeacherRequest` is self-contained (rendered prompt, encoded image bytes, JSON schema of the
+expected output, a per-attempt seed); a :class:`TeacherResult` carries the raw text (validated later by
+the orchestrator, never here), token counts, and, when no text could be obtained, why:
+
+- ``error_kind="rejected"``: the backend refused this one request for a reason a retry cannot fix
+  (e.g. HTTP 400 "prompt too long"). The orchestrator quarantines it with the server's answer as raw text.
+- ``error_kind="unavailable"``: the request could not be served after bounded transport retries (HTTP
+  429/5xx, timeouts, connection errors). It is *not* quarantined (a rerun retries it); the run ends
+  incomplete with a clear message.
+
+Configuration problems that would fail every request (no such model, bad API key, vLLM missing) raise
+:class:`TeacherError` at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ...records import RecordError, TeacherInfo
+
+ErrorKind = Literal["rejected", "unavailable"]
+
+
+class TeacherError(RecordError):
+    """A teacher cannot run at all (missing package, model, credentials); the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings shared by all backends (part of every request key)."""
+
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_tokens: int = 768
+    seed: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens, "seed": self.seed}
+
+
+@dataclass
+class TeacherRequest:
+    key: str
+    task: str
+    prompt: str
+    image: bytes
+    schema: dict[str, Any]
+    seed: int
+    sampling: Sampling
+    attempt: int = 0
+    k: int = 3
+    context: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TeacherResult:
+    key: str
+    text: str | None
+    error: str | None = None
+    error_kind: ErrorKind | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    transport_attempts: int = 1
+
+
+class Teacher(ABC):
+    """Base class. Subclasses set ``backend``, ``model``, ``revision`` and implement :meth:`generate`."""
+
+    backend: str = ""
+    model: str = ""
+    revision: str = ""
+    #: whether outputs are constrained to the schema (structured decoding) by the backend
+    structured: bool = False
+    #: how many requests the orchestrator should hand over per ``generate`` call
+    batch_size: int = 64
+
+    @abstractmethod
+    def generate(self, requests: Sequence[TeacherRequest]) -> list[TeacherResult]:
+        """One result per request, in order."""
+
+    def options(self) -> dict[str, Any]:
+        """Backend settings that change what the model sees or writes (part of the request key)."""
+        return {}
+
+    def info(self) -> TeacherInfo:
+        return TeacherInfo(backend=self.backend, model=self.model, revision=self.revision)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> Teacher:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:  # never include credentials
+        return f"{type(self).__name__}(model={self.model!r}, revision={self.revision!r})"
+
+
+def image_mime(data: bytes) -> str:
+    """MIME type from magic bytes; ``""`` if not PNG/JPEG/GIF/WebP."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return ""
+
+
+def data_url(data: bytes) -> str:
+    """A base64 ``data:`` URL; formats servers may not read (BMP, TIFF, ...) are re-encoded as PNG."""
+    mime = image_mime(data)
+    if mime not in ("image/png", "image/jpeg", "image/webp"):
+        from ...records import decode_image
+
+        buf = io.BytesIO()
+        decode_image(data).save(buf, format="PNG")
+        data, mime = buf.getvalue(), "image/png"
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def chat_messages(prompt: str, image_part: dict[str, Any]) -> list[dict[str, Any]]:
+    """OpenAI-style chat messages: one user turn, the image first, then the instruction."""
+    return [{"role": "user", "content": [image_part, {"type": "text", "text": prompt}]}]
