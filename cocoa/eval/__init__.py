@@ -11,7 +11,7 @@ from typing import Any
 __all__ = ["evaluate", "run", "EvalConfig", "EvalResult", "EvalSet", "Embedder", "hits_at_1", "aggregate", "load_sets"]
 
 _WHERE = {
-    "evaluate": "evaluate", "run": "evaluate", "EvalConfig": "evaluate", "EvalError": "evaluate", "load_sets": "evaluate",
+    "evaluate": "evaluator", "run": "evaluator", "EvalConfig": "evaluator", "EvalError": "evaluator", "load_sets": "evaluator",
     "EvalResult": "scoring", "hits_at_1": "scoring", "aggregate": "scoring", "EvalSet": "data", "Embedder": "embedder",
 }
 

@@ -74,7 +74,7 @@ def list_scenes(path: str | Path) -> list[str]:
     d = scenes_eval_dir(path)
     if is_dataset(d):
         return [d.name]
-    return sorted(c.name for c in d.iterdir() if c.is_dir() and is_dataset(c))
+    return sorted(c.name for c in d.iterdir() if c.is_dir() and not c.name.startswith(".") and is_dataset(c))
 
 
 def load_scenes(path: str | Path, datasets: Sequence[str] | None = None, limit: int | None = None) -> list[EvalSet]:

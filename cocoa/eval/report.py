@@ -56,13 +56,16 @@ def _title(result: EvalResult) -> str:
 def rich_table(result: EvalResult, compare: EvalResult | None = None):  # type: ignore[no-untyped-def]
     from rich.table import Table
 
-    t = Table(title=_title(result), show_lines=False)
+    caption = None
+    if compare is not None:
+        caption = f"Before = {compare.label or compare.model}; Δ = P@1 - Before (points)"
+    t = Table(title=_title(result), caption=caption, show_lines=False)
     t.add_column("Dataset / average")
     t.add_column("Meta-task")
     t.add_column("Split")
     t.add_column("N", justify="right")
     if compare is not None:
-        t.add_column(f"Before ({compare.label or Path(compare.model).name or 'compare'})", justify="right")
+        t.add_column("Before", justify="right")
     t.add_column("P@1", justify="right", style="bold")
     if compare is not None:
         t.add_column("Δ", justify="right")
