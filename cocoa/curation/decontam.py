@@ -1,0 +1,161 @@
+"""Decontamination against evaluation data.
+
+``--eval-data`` points at one EvalRecord dataset directory or at a root holding several (searched up to
+three levels down, e.g. a scenes benchmark's ``root/eval/``). Eval images may be embedded or paths
+relative to their dataset directory (resolved with ``ref.load(root=dataset_dir)``).
+
+A training row is contaminated when
+- its image is a pHash near-duplicate (Hamming distance <= ``image_distance``) of an eval image, or
+- for some eval query/target text with at least ``ngram`` words, a share >= ``threshold`` of that
+  text's word n-grams occur in the row's text (eval texts shorter than ``ngram`` words, such as class
+  labels, are too short to be evidence and are not used).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..records import RecordError, digest
+from ..shards import MANIFEST, open_dataset, read_manifest
+from .images import analyse_image, phash_pairs
+from .text import ngrams, normalize_text, row_index, word_hashes
+
+
+def find_eval_datasets(path: str | Path, max_depth: int = 3) -> list[Path]:
+    """EvalRecord dataset directories at or under ``path`` (sorted)."""
+    path = Path(path)
+    if not path.exists():
+        raise RecordError(f"--eval-data {path} does not exist; point it at an eval dataset or a root holding some")
+    found: list[Path] = []
+
+    def walk(p: Path, depth: int) -> None:
+        if (p / MANIFEST).is_file():
+            if read_manifest(p).record_type == "EvalRecord":
+                found.append(p)
+            return
+        if depth >= max_depth:
+            return
+        for child in sorted(x for x in p.iterdir() if x.is_dir()):
+            walk(child, depth + 1)
+
+    walk(path, 0)
+    if not found:
+        raise RecordError(
+            f"--eval-data {path} holds no EvalRecord dataset (no manifest.json of EvalRecord rows within "
+            f"{max_depth} levels); point it at e.g. a scenes benchmark's eval/ directory"
+        )
+    return sorted(found)
+
+
+@dataclass
+class EvalIndex:
+    """What decontamination compares against: eval image pHashes and eval text n-grams."""
+
+    datasets: list[str] = field(default_factory=list)
+    image_hashes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
+    image_labels: list[str] = field(default_factory=list)  # "dataset/record_id"
+    text_labels: list[str] = field(default_factory=list)
+    gram_hash: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
+    gram_text: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    text_ngrams: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    n_images: int = 0
+    n_texts: int = 0
+    unreadable: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {
+            "datasets": self.datasets,
+            "images": self.n_images,
+            "texts_used": int(len(self.text_ngrams)),
+            "texts_seen": self.n_texts,
+            "unreadable_images": self.unreadable[:20],
+        }
+
+
+def build_eval_index(path: str | Path, ngram: int, max_pixels: int) -> EvalIndex:
+    import polars as pl
+
+    idx = EvalIndex()
+    seen_img: dict[str, int] = {}
+    hashes: list[int] = []
+    texts: dict[str, str] = {}
+    for d in find_eval_datasets(path):
+        ds = open_dataset(d, record_type="EvalRecord")
+        idx.datasets.append(str(d))
+        for rec in ds:
+            label = f"{rec.dataset}/{rec.id}"
+            for t in [rec.qry_text, *rec.tgt_texts]:
+                t = normalize_text(t or "")
+                if t:
+                    texts.setdefault(t, label)
+            for ref in [rec.qry_image, *rec.tgt_images]:
+                if ref is None:
+                    continue
+                try:
+                    data = ref.read_bytes(d)
+                except RecordError as e:
+                    idx.unreadable.append(str(e))
+                    continue
+                key = digest(data)
+                if key in seen_img:
+                    continue
+                info = analyse_image(data, max_pixels, name=ref.path or key[:16])
+                seen_img[key] = len(hashes)
+                if info.ok and info.phash:
+                    hashes.append(info.phash)
+                    idx.image_labels.append(label)
+    idx.image_hashes = np.array(hashes, dtype=np.uint64)
+    idx.n_images = len(seen_img)
+    idx.n_texts = len(texts)
+    tlist = list(texts)
+    if tlist:
+        f, o = word_hashes(pl.Series(tlist, dtype=pl.String))
+        g, go = ngrams(f, o, ngram, short="drop")
+        # distinct n-grams per text
+        df = pl.DataFrame({"t": row_index(go), "h": g}).unique(maintain_order=True)
+        n_per = df.group_by("t").agg(pl.len().alias("n"))
+        full = np.zeros(len(tlist), dtype=np.int64)
+        full[n_per["t"].to_numpy()] = n_per["n"].to_numpy()
+        idx.gram_hash = df["h"].to_numpy()
+        idx.gram_text = df["t"].to_numpy()
+        idx.text_ngrams = full
+        idx.text_labels = [texts[t] for t in tlist]
+    return idx
+
+
+def image_matches(idx: EvalIndex, hashes: np.ndarray, distance: int) -> dict[int, str]:
+    """Positions in ``hashes`` (0 = no hash, skipped) matching an eval image -> the eval label."""
+    valid = np.flatnonzero(hashes != 0)
+    if len(valid) == 0 or len(idx.image_hashes) == 0:
+        return {}
+    pairs = phash_pairs(hashes[valid], idx.image_hashes, distance)
+    out: dict[int, str] = {}
+    for i, j in pairs:
+        out.setdefault(int(valid[i]), idx.image_labels[int(j)])
+    return out
+
+
+def text_matches(idx: EvalIndex, flat_words: np.ndarray, offsets: np.ndarray, ngram: int,
+                 threshold: float) -> dict[int, tuple[str, float]]:
+    """Rows whose text covers >= ``threshold`` of some eval text's n-grams -> (eval label, share)."""
+    import polars as pl
+
+    if len(idx.gram_hash) == 0:
+        return {}
+    g, go = ngrams(flat_words, offsets, ngram, short="drop")
+    if len(g) == 0:
+        return {}
+    rows = pl.DataFrame({"r": row_index(go), "h": g}).unique()
+    ev = pl.DataFrame({"h": idx.gram_hash, "t": idx.gram_text})
+    hit = rows.join(ev, on="h")
+    if hit.height == 0:
+        return {}
+    agg = hit.group_by("r", "t").agg(pl.len().alias("n"))
+    totals = pl.DataFrame({"t": np.arange(len(idx.text_ngrams), dtype=np.int64), "total": idx.text_ngrams})
+    agg = agg.join(totals, on="t").with_columns(share=pl.col("n") / pl.col("total"))
+    agg = agg.filter(pl.col("share") >= threshold).sort(["r", "share", "t"], descending=[False, True, False])
+    agg = agg.unique("r", keep="first", maintain_order=True)
+    return {int(r): (idx.text_labels[int(t)], float(s)) for r, t, s in agg.select("r", "t", "share").iter_rows()}

@@ -1,0 +1,725 @@
+"""`cocoa-data curate`: ``synthetic/`` -> ``curated/`` (+ ``curated/rejected/``, ``curated/report.json``).
+
+The pipeline is a list of small named steps (:data:`STEPS`) over one Polars frame with a row per
+synthetic record. Per-row rules are Polars expressions applied lazily; rules that compare rows
+(exact and near duplicates, image near-duplicates, decontamination) see only the rows still alive
+after the rules before them. The first rule that fails names the row's ``reason``; every dropped row
+is written to ``curated/rejected/`` as a ``QuarantineRecord(stage="curate", reason=<rule>)``.
+
+With ``--eval-data``, original PairRecords (``original/``) are decontaminated too: contaminated
+original rows are written to ``curated/rejected/`` (``meta.input = "original"``) and ``mix`` leaves
+them out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..records import RecordError, canonical_json, content_id, digest, from_row, payload_json, schema_for
+from ..shards import MANIFEST, ShardDataset, ShardError, ShardWriter, Workspace, atomic_write_json, open_dataset
+from .config import CurationConfig
+from .dedup import first_of_groups, near_duplicates, text_digests
+from .images import ImageTable, image_key, phash_clusters
+from .text import (
+    WORD_RE,
+    combined_pattern,
+    longest_repeat,
+    normalize_expr,
+    repeated_share,
+    word_count_expr,
+    word_hashes,
+)
+
+REASON = "_reason"
+DETAIL = "_detail"
+
+
+# ---------------------------------------------------------------------------------------------
+# input checks
+# ---------------------------------------------------------------------------------------------
+def dataset_checksum(path: Path) -> dict[str, Any]:
+    """Checksums of a dataset: its manifest file and the sha256 over its shards' sha256s."""
+    ds = open_dataset(path, verify=False)
+    content = hashlib.sha256("".join(s.sha256 for s in ds.manifest.shards).encode()).hexdigest()
+    return {
+        "path": str(path),
+        "record_type": ds.record_type,
+        "rows": len(ds),
+        "manifest_sha256": hashlib.sha256((path / MANIFEST).read_bytes()).hexdigest(),
+        "content_sha256": content,
+    }
+
+
+def open_checked(path: Path, record_type: str, what: str) -> ShardDataset:
+    """Open a dataset, refusing a missing/empty directory and shards whose schema does not match."""
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        raise ShardError(
+            f"{path} is missing or empty: there is no {what} to read. Create it first "
+            f"({'`cocoa-data synth`' if record_type == 'SynthRecord' else '`cocoa-data scenes` or an MMEB import'})"
+        )
+    ds = open_dataset(path, record_type=record_type)
+    want = schema_for(record_type)
+    for f in ds.files:
+        got = ds._open(f).schema
+        missing = [n for n in want.names if n not in got.names]
+        wrong = [n for n in want.names if n in got.names and not got.field(n).type.equals(want.field(n).type)]
+        if missing or wrong:
+            raise ShardError(
+                f"{f} does not have the {record_type} schema (missing columns: {missing or 'none'}; "
+                f"columns of another type: {wrong or 'none'}); it was not written by this cocoa version "
+                "or is damaged: regenerate the dataset"
+            )
+    return ds
+
+
+# ---------------------------------------------------------------------------------------------
+# steps
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Context:
+    cfg: CurationConfig
+    df: Any  # polars DataFrame, one row per synthetic record
+    words: tuple[np.ndarray, np.ndarray] | None = None  # word hashes of df["text"]
+    eval_index: Any = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Step:
+    name: str  # also the rejection reason of the rows this step drops ("" for transforms)
+    doc: str
+    expr: Callable[[Context], Any] | None = None  # per-row: (condition, detail) Polars expressions
+    group: Callable[[Context, np.ndarray], dict[int, str]] | None = None  # rows compared: {row: detail}
+    enabled: Callable[[CurationConfig], bool] = lambda cfg: True
+
+
+def _pl():  # type: ignore[no-untyped-def]
+    import polars as pl
+
+    return pl
+
+
+def _kind(k: str):  # type: ignore[no-untyped-def]
+    return _pl().col("kind") == k
+
+
+def _length_rule(ctx: Context):  # type: ignore[no-untyped-def]
+    pl = _pl()
+    t = ctx.cfg.text
+    checks = [
+        ("caption", "cap_words", t.caption_min_words, t.caption_max_words, _kind("caption")),
+        ("question", "q_words", t.question_min_words, t.question_max_words, _kind("qa")),
+        ("answer", "a_words", t.answer_min_words, t.answer_max_words, _kind("qa")),
+    ]
+    cond = pl.lit(False)
+    detail = pl.lit(None, dtype=pl.String)
+    for name, col, lo, hi, which in reversed(checks):
+        bad = which & ((pl.col(col) < lo) | (pl.col(col) > hi))
+        msg = pl.format(f"{name} has {{}} words (allowed {lo}..{hi})", pl.col(col))
+        detail = pl.when(bad).then(msg).otherwise(detail)
+        cond = cond | bad
+    return cond, detail
+
+
+def _pattern_rule(attr: str):  # type: ignore[no-untyped-def]
+    def rule(ctx: Context):  # type: ignore[no-untyped-def]
+        pl = _pl()
+        pat = combined_pattern(getattr(ctx.cfg.text, attr))
+        if pat is None:
+            return pl.lit(False), pl.lit(None, dtype=pl.String)
+        field_ = pl.when(_kind("qa")).then(pl.col("answer")).otherwise(pl.col("caption"))
+        hit = field_.str.extract(pat, 0)
+        return hit.is_not_null(), pl.concat_str([pl.lit("matched '"), hit, pl.lit("'")])
+
+    return rule
+
+
+def _repeat_share_rule(ctx: Context):  # type: ignore[no-untyped-def]
+    pl = _pl()
+    r = ctx.cfg.repetition
+    bad = (pl.col("rep_share") > r.max_repeated_share) & (pl.col("rep_ngrams") >= r.min_ngrams)
+    return bad, pl.format(f"{{}} of {r.ngram}-grams repeat (max {r.max_repeated_share})", pl.col("rep_share").round(3))
+
+
+def _repeat_run_rule(ctx: Context):  # type: ignore[no-untyped-def]
+    pl = _pl()
+    r = ctx.cfg.repetition
+    return pl.col("rep_run") >= r.max_run, pl.format(f"a unit repeats {{}} times in a row (max {r.max_run - 1})",
+                                                     pl.col("rep_run"))
+
+
+def _qa_copy_rule(ctx: Context):  # type: ignore[no-untyped-def]
+    pl = _pl()
+    q = pl.col("question").fill_null("").str.to_lowercase().str.extract_all(WORD_RE)
+    a = pl.col("answer").fill_null("").str.to_lowercase().str.extract_all(WORD_RE)
+    au = a.list.unique()
+    inter = au.list.set_intersection(q.list.unique()).list.len()
+    share = inter / au.list.len().clip(lower_bound=1)
+    same = a.list.join(" ") == q.list.join(" ")
+    restate = (share >= ctx.cfg.qa.max_answer_question_overlap) & (pl.col("a_words") >= 0.8 * pl.col("q_words"))
+    bad = _kind("qa") & (same | restate)
+    return bad, pl.format("answer restates the question ({} of its words are the question's)", share.round(2))
+
+
+_QWORDS = (r"(?i)^(?:what|which|who|whom|whose|where|when|why|how|is|are|was|were|do|does|did|can|could|"
+           r"should|would|will|has|have|had|in|on|at|from|describe|name|count|list|identify|tell)\b")
+
+
+def _qa_form_rule(ctx: Context):  # type: ignore[no-untyped-def]
+    pl = _pl()
+    q = pl.col("question").fill_null("")
+    ok = q.str.ends_with("?") | q.str.contains(_QWORDS)
+    return _kind("qa") & ~ok, pl.lit("question neither ends with '?' nor starts with a question word")
+
+
+def _img_rule(which: str):  # type: ignore[no-untyped-def]
+    def rule(ctx: Context):  # type: ignore[no-untyped-def]
+        pl = _pl()
+        c = ctx.cfg.image
+        w, h = pl.col("img_w"), pl.col("img_h")
+        if which == "unreadable":
+            return ~pl.col("img_ok"), pl.col("img_error")
+        if which == "small":
+            return pl.min_horizontal(w, h) < c.min_side, pl.format(f"image is {{}}x{{}} (min side {c.min_side})", w, h)
+        if which == "large":
+            return (w * h) > c.max_pixels, pl.format(f"image is {{}}x{{}} (max {c.max_pixels} pixels)", w, h)
+        ratio = pl.max_horizontal(w, h) / pl.min_horizontal(w, h).clip(lower_bound=1)
+        return ratio >= c.max_aspect, pl.format(f"aspect ratio {{}} (must be < {c.max_aspect})", ratio.round(1))
+
+    return rule
+
+
+def _exact_image(ctx: Context, alive: np.ndarray) -> dict[int, str]:
+    df = ctx.df[alive.tolist()]
+    key = text_digests([f"{i}\x00{k}\x00{t.lower()}" for i, k, t in
+                        zip(df["_img"].to_list(), df["kind"].to_list(), df["text"].to_list())])
+    first = first_of_groups(key)
+    ids = df["id"].to_list()
+    return {int(alive[j]): f"same text as {ids[f]} for the same image" for j, f in enumerate(first) if f != j}
+
+
+def _exact_global(ctx: Context, alive: np.ndarray) -> dict[int, str]:
+    kinds = set(ctx.cfg.exact.global_kinds)
+    kind_col = ctx.df["kind"].to_numpy()
+    sel = alive[np.isin(kind_col[alive], list(kinds))]
+    if len(sel) < 2:
+        return {}
+    df = ctx.df[sel.tolist()]
+    key = text_digests([f"{k}\x00{t.lower()}" for k, t in zip(df["kind"].to_list(), df["text"].to_list())])
+    first = first_of_groups(key)
+    ids, par = df["id"].to_list(), df["parent_id"].to_list()
+    return {int(sel[j]): f"same text as {ids[f]} (image of {par[f]})" for j, f in enumerate(first) if f != j}
+
+
+def _near(ctx: Context, alive: np.ndarray) -> dict[int, str]:
+    from .dedup import _subset
+
+    c = ctx.cfg.near
+    kind_col = ctx.df["kind"].to_numpy()
+    sel = alive[np.isin(kind_col[alive], list(c.kinds))]
+    if len(sel) < 2:
+        return {}
+    flat, off = _subset(*ctx.words, sel)  # type: ignore[misc]
+    res = near_duplicates(flat, off, shingle=c.shingle, num_perm=c.num_perm, bands=c.bands, threshold=c.threshold,
+                          seed=c.seed, max_bucket_pairs=c.max_bucket_pairs)
+    ctx.stats["near"] = {"candidates": res.candidates, "pairs_checked": res.pairs_checked,
+                         "pairs_linked": res.pairs_linked}
+    ids = ctx.df["id"].to_list()
+    out = {}
+    for j in np.flatnonzero(res.rep != np.arange(len(sel))):
+        keep = int(sel[res.rep[j]])
+        out[int(sel[j])] = f"near-duplicate of {ids[keep]} (estimated Jaccard {res.similarity[j]:.2f} within its cluster)"
+    return out
+
+
+def _image_near(ctx: Context, alive: np.ndarray) -> dict[int, str]:
+    pl = _pl()
+    sub = ctx.df[alive.tolist()].select("_img", "img_phash", "parent_id").with_row_index("_j")
+    imgs = sub.unique("_img", keep="first", maintain_order=True).filter(pl.col("img_phash") != 0)
+    if imgs.height < 2:
+        return {}
+    rep = phash_clusters(imgs["img_phash"].to_numpy(), ctx.cfg.image.phash_distance)
+    keys = imgs["_img"].to_list()
+    parents = imgs["parent_id"].to_list()
+    dropped = {keys[i]: f"image is a pHash near-duplicate of the image of {parents[r]}"
+               for i, r in enumerate(rep) if r != i}
+    if not dropped:
+        return {}
+    out = {}
+    for j, k in enumerate(sub["_img"].to_list()):
+        if k in dropped:
+            out[int(alive[j])] = dropped[k]
+    return out
+
+
+def _decontam_image(ctx: Context, alive: np.ndarray) -> dict[int, str]:
+    from .decontam import image_matches
+
+    pl = _pl()
+    sub = ctx.df[alive.tolist()].select("_img", "img_phash")
+    imgs = sub.unique("_img", keep="first", maintain_order=True)
+    hits = image_matches(ctx.eval_index, imgs["img_phash"].to_numpy(), ctx.cfg.decontam.image_distance)
+    if not hits:
+        return {}
+    bad = {imgs["_img"][i]: lab for i, lab in hits.items()}
+    out = {}
+    for j, k in enumerate(sub["_img"].to_list()):
+        if k in bad:
+            out[int(alive[j])] = f"image matches eval image of {bad[k]}"
+    _ = pl
+    return out
+
+
+def _decontam_text(ctx: Context, alive: np.ndarray) -> dict[int, str]:
+    from .decontam import text_matches
+    from .dedup import _subset
+
+    c = ctx.cfg.decontam
+    flat, off = _subset(*ctx.words, alive)  # type: ignore[misc]
+    hits = text_matches(ctx.eval_index, flat, off, c.ngram, c.threshold)
+    return {int(alive[j]): f"text covers {s:.2f} of the {c.ngram}-grams of eval text {lab}" for j, (lab, s) in hits.items()}
+
+
+STEPS: list[Step] = [
+    Step("image_unreadable", "the image is missing or cannot be decoded", expr=_img_rule("unreadable"),
+         enabled=lambda c: c.image.enabled),
+    Step("image_too_small", "shorter side below image.min_side", expr=_img_rule("small"),
+         enabled=lambda c: c.image.enabled),
+    Step("image_too_large", "more pixels than image.max_pixels (bomb guard)", expr=_img_rule("large"),
+         enabled=lambda c: c.image.enabled),
+    Step("image_aspect", "long/short side ratio at or above image.max_aspect", expr=_img_rule("aspect"),
+         enabled=lambda c: c.image.enabled),
+    Step("length", "caption/question/answer word count outside its bounds", expr=_length_rule),
+    Step("refusal", "a refusal pattern matched", expr=_pattern_rule("refusal_patterns")),
+    Step("hedge", "a hedge pattern matched", expr=_pattern_rule("hedge_patterns")),
+    Step("meta_talk", "a meta-talk pattern matched", expr=_pattern_rule("meta_patterns")),
+    Step("repetition_share", "too many repeated n-grams", expr=_repeat_share_rule),
+    Step("repetition_run", "a unit repeated back-to-back too often", expr=_repeat_run_rule),
+    Step("qa_copy", "the answer restates the question", expr=_qa_copy_rule),
+    Step("qa_form", "the question is not phrased as a question", expr=_qa_form_rule,
+         enabled=lambda c: c.qa.check_question_form),
+    Step("exact_dup_image", "same text as an earlier row for the same image", group=_exact_image,
+         enabled=lambda c: c.exact.enabled),
+    Step("exact_dup_global", "same text as an earlier row (any image; exact.global_kinds)", group=_exact_global,
+         enabled=lambda c: c.exact.enabled),
+    Step("near_dup", "MinHash near-duplicate of an earlier row (near.kinds)", group=_near,
+         enabled=lambda c: c.near.enabled),
+    Step("image_near_dup", "the image is a pHash near-duplicate of an earlier row's image", group=_image_near,
+         enabled=lambda c: c.image.enabled and c.image.dedup),
+    Step("decontam_image", "the image matches an evaluation image", group=_decontam_image,
+         enabled=lambda c: c.decontam.image),
+    Step("decontam_text", "the text overlaps an evaluation query/target", group=_decontam_text,
+         enabled=lambda c: c.decontam.text),
+]
+RULES = [s.name for s in STEPS]
+
+
+# ---------------------------------------------------------------------------------------------
+# features
+# ---------------------------------------------------------------------------------------------
+def load_frame(ds: ShardDataset, cfg: CurationConfig, progress: Any = None):  # type: ignore[no-untyped-def]
+    """One row per synthetic record: ids, normalised text fields, word counts, image key + features."""
+    pl = _pl()
+    cols = ["id", "parent_id", "source", "kind", "caption", "question", "answer", "key"]
+    lf = ds.scan().select(cols).with_row_index("_row")
+    if cfg.text.normalize:
+        lf = lf.with_columns(normalize_expr(c) for c in ("caption", "question", "answer"))
+    lf = lf.with_columns(
+        text=pl.when(pl.col("kind") == "qa")
+        .then(pl.concat_str([pl.col("question").fill_null(""), pl.col("answer").fill_null("")], separator=" "))
+        .otherwise(pl.col("caption").fill_null("")),
+        cap_words=word_count_expr("caption"),
+        q_words=word_count_expr("question"),
+        a_words=word_count_expr("answer"),
+    )
+    df = lf.collect()
+
+    # image keys (content digest) and features, once per distinct image
+    table = ImageTable(max_pixels=cfg.image.max_pixels)
+    keys: list[str] = []
+    task = progress.add_task("images", total=len(ds)) if progress else None
+    for _, _, batch in ds.iter_batches(columns=["image"]):
+        col = batch.column(0)
+        bs = col.field("bytes").to_pylist()
+        ps = col.field("path").to_pylist()
+        for b, p in zip(bs, ps):
+            if b is not None:
+                k = digest(b)
+            else:
+                k = "path:" + (p or "")
+            if k not in table.infos:
+                table.add(k, {"bytes": b, "path": p}, ds.path)
+            keys.append(k)
+        if progress:
+            progress.advance(task, batch.num_rows)
+    df = df.with_columns(pl.Series("_img", keys, dtype=pl.String))
+    df = df.join(table.frame(), on="_img", how="left", maintain_order="left")
+    return df, len(table.infos)
+
+
+def text_features(df, cfg: CurationConfig, progress: Any = None):  # type: ignore[no-untyped-def]
+    """Word hashes of ``text`` (flat + offsets) and the repetition features, in batches."""
+    pl = _pl()
+    flats, lens = [], []
+    share_l, count_l, run_l = [], [], []
+    n = df.height
+    task = progress.add_task("text features", total=n) if progress else None
+    for s in range(0, max(n, 1), cfg.batch_rows):
+        part = df["text"].slice(s, cfg.batch_rows)
+        f, o = word_hashes(part)
+        flats.append(f)
+        lens.append(np.diff(o))
+        # repetition is judged on the caption, or on the answer of a QA row: the answer's words are the
+        # last ``a_words`` words of ``text`` (= question + " " + answer)
+        n_all = np.diff(o)
+        a_w = df["a_words"].slice(s, cfg.batch_rows).to_numpy()
+        is_qa = (df["kind"].slice(s, cfg.batch_rows) == "qa").to_numpy()
+        n_rep = np.where(is_qa, np.minimum(a_w, n_all), n_all)
+        rf, ro = tail_words(f, o, n_rep)
+        sh, cnt = repeated_share(rf, ro, cfg.repetition.ngram)
+        share_l.append(sh)
+        count_l.append(cnt)
+        run_l.append(longest_repeat(rf, ro))
+        if progress:
+            progress.advance(task, len(part))
+    flat = np.concatenate(flats) if flats else np.zeros(0, dtype=np.uint64)
+    ln = np.concatenate(lens) if lens else np.zeros(0, dtype=np.int64)
+    off = np.zeros(len(ln) + 1, dtype=np.int64)
+    np.cumsum(ln, out=off[1:])
+    df = df.with_columns(
+        pl.Series("rep_share", np.concatenate(share_l) if share_l else np.zeros(0)),
+        pl.Series("rep_ngrams", np.concatenate(count_l) if count_l else np.zeros(0, dtype=np.int64)),
+        pl.Series("rep_run", np.concatenate(run_l) if run_l else np.zeros(0, dtype=np.int64)),
+    )
+    return df, (flat, off)
+
+
+def tail_words(flat: np.ndarray, offsets: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The last ``n[i]`` words of each row."""
+    new_off = np.zeros(len(n) + 1, dtype=np.int64)
+    np.cumsum(n, out=new_off[1:])
+    if new_off[-1] == 0:
+        return np.zeros(0, dtype=np.uint64), new_off
+    starts = offsets[1:] - n
+    idx = np.repeat(starts - new_off[:-1], n) + np.arange(new_off[-1], dtype=np.int64)
+    return flat[idx], new_off
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+# ---------------------------------------------------------------------------------------------
+def apply_steps(ctx: Context, steps: list[Step] | None = None, timings: dict[str, float] | None = None) -> None:
+    """Run the steps in order over ``ctx.df``, filling ``_reason``/``_detail`` (first failing rule wins)."""
+    pl = _pl()
+    steps = STEPS if steps is None else steps
+    df = ctx.df
+    if REASON not in df.columns:
+        df = df.with_columns(pl.lit(None, dtype=pl.String).alias(REASON), pl.lit(None, dtype=pl.String).alias(DETAIL))
+    lf = df.lazy()
+    pending = False
+    for step in steps:
+        if not step.enabled(ctx.cfg):
+            continue
+        if step.group is not None and step.name.startswith("decontam") and ctx.eval_index is None:
+            continue
+        t0 = time.perf_counter()
+        if step.expr is not None:
+            ctx.df = df
+            cond, detail = step.expr(ctx)
+            hit = pl.col(REASON).is_null() & cond.fill_null(False)
+            lf = lf.with_columns(
+                pl.when(hit).then(pl.lit(step.name)).otherwise(pl.col(REASON)).alias(REASON),
+                pl.when(hit).then(detail.cast(pl.String)).otherwise(pl.col(DETAIL)).alias(DETAIL),
+            )
+            pending = True
+        else:
+            if pending:
+                df = lf.collect()
+                pending = False
+            alive = np.flatnonzero(df[REASON].is_null().to_numpy())
+            ctx.df = df
+            hits = step.group(ctx, alive) if len(alive) else {}  # type: ignore[misc]
+            if hits:
+                rows = np.fromiter(hits.keys(), dtype=np.int64, count=len(hits))
+                reason = np.full(df.height, None, dtype=object)
+                detail_arr = np.full(df.height, None, dtype=object)
+                reason[rows] = step.name
+                detail_arr[rows] = list(hits.values())
+                df = df.with_columns(
+                    pl.coalesce(pl.col(REASON), pl.Series(REASON + "_new", reason.tolist(), dtype=pl.String)).alias(REASON),
+                    pl.coalesce(pl.col(DETAIL), pl.Series(DETAIL + "_new", detail_arr.tolist(), dtype=pl.String)).alias(DETAIL),
+                )
+            lf = df.lazy()
+        if timings is not None:
+            timings[step.name] = round(time.perf_counter() - t0, 3)
+    ctx.df = lf.collect() if pending else df
+
+
+def _quarantine_row(reason: str, detail: str, row: dict[str, Any], payload: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """A ``QuarantineRecord`` row (same id and layout as ``to_row(QuarantineRecord(...))``, without
+    building the pydantic model per row)."""
+    record_id, key = row.get("id") or "", row.get("key") or ""
+    return {
+        "id": content_id("QuarantineRecord", "curate", reason, record_id, key, ""),
+        "stage": "curate",
+        "reason": reason,
+        "detail": detail or "",
+        "record_id": record_id,
+        "key": key,
+        "parent_id": row.get("parent_id") or "",
+        "raw": "",
+        "payload": payload,
+        "meta": canonical_json(meta),
+    }
+
+
+def synth_payload(row: dict[str, Any]) -> str:
+    """``payload_json(SynthRecord)`` computed from its Arrow row (image bytes -> digest)."""
+    out = dict(row)
+    img = out.get("image")
+    if img is not None:
+        out["image"] = {"digest": digest(img["bytes"]) if img.get("bytes") is not None else None,
+                        "path": img.get("path")}
+    m = out.get("meta")
+    out["meta"] = json.loads(m) if m else {}
+    return canonical_json(out)
+
+
+@dataclass
+class CurationResult:
+    report: dict[str, Any]
+    kept: int
+    rejected: int
+
+
+def _examples(df, reason: str, k: int) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
+    pl = _pl()
+    sub = df.filter(pl.col(REASON) == reason).head(k)
+    return [{"record_id": r["id"], "detail": r[DETAIL], "text": (r["text"] or "")[:160]}
+            for r in sub.select("id", DETAIL, "text").iter_rows(named=True)]
+
+
+def decontaminate_original(ws: Workspace, cfg: CurationConfig, eval_index: Any, max_pixels: int,
+                           progress: Any = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Contaminated original PairRecords -> quarantine rows (``meta.input = "original"``)."""
+    pl = _pl()
+    from .decontam import image_matches, text_matches
+    from .images import analyse_image, read_ref_bytes
+
+    if not ws.original.exists():
+        return [], {"rows": 0, "note": f"{ws.original} does not exist: nothing to decontaminate"}
+    ds = open_checked(ws.original, "PairRecord", "original data")
+    n = len(ds)
+    hits: dict[int, tuple[str, str]] = {}
+    c = cfg.decontam
+    if c.text and n:
+        df = ds.scan().select("qry_text", "pos_text", "neg_text").collect()
+        for col in ("qry_text", "pos_text", "neg_text"):
+            f, o = word_hashes(df[col].fill_null(""))
+            for r, (lab, s) in text_matches(eval_index, f, o, c.ngram, c.threshold).items():
+                hits.setdefault(r, ("decontam_text", f"{col} covers {s:.2f} of the {c.ngram}-grams of eval text {lab}"))
+    if c.image and n and len(eval_index.image_hashes):
+        phash: dict[str, int] = {}
+        row_keys: list[list[str]] = []
+        task = progress.add_task("original images", total=n) if progress else None
+        for _, _, batch in ds.iter_batches(columns=["qry_image", "pos_image", "neg_image"]):
+            cols = [batch.column(i).to_pylist() for i in range(3)]
+            for refs in zip(*cols):
+                ks = []
+                for ref in refs:
+                    k = image_key(ref)
+                    if k is None:
+                        continue
+                    if k not in phash:
+                        data, _err = read_ref_bytes(ref, ds.path)
+                        phash[k] = analyse_image(data, max_pixels).phash if data is not None else 0
+                    ks.append(k)
+                row_keys.append(ks)
+            if progress:
+                progress.advance(task, batch.num_rows)
+        keys = list(phash)
+        m = image_matches(eval_index, np.array([phash[k] for k in keys], dtype=np.uint64), c.image_distance)
+        bad = {keys[i]: lab for i, lab in m.items()}
+        for r, ks in enumerate(row_keys):
+            for k in ks:
+                if k in bad and r not in hits:
+                    hits[r] = ("decontam_image", f"image matches eval image of {bad[k]}")
+    rows_out: list[dict[str, Any]] = []
+    by_rule: dict[str, int] = {}
+    if hits:
+        wanted = sorted(hits)
+        t = ds.table().take(pa_indices(wanted))
+        for r, row in zip(wanted, t.to_pylist()):
+            rec = from_row("PairRecord", row, where=f"{ds.path} row {r}")
+            reason, detail = hits[r]
+            by_rule[reason] = by_rule.get(reason, 0) + 1
+            rows_out.append(_quarantine_row(reason, detail, {"id": rec.id}, payload_json(rec),
+                                            {"input": "original", "source": rec.source}))
+    _ = pl
+    return rows_out, {"rows": n, "rejected": len(rows_out), "by_rule": by_rule}
+
+
+def pa_indices(idx: list[int] | np.ndarray):  # type: ignore[no-untyped-def]
+    import pyarrow as pa
+
+    return pa.array(np.asarray(idx, dtype=np.int64))
+
+
+def run_curation(
+    data: str | Path = "shards",
+    config: CurationConfig | None = None,
+    eval_data: str | Path | None = None,
+    show_progress: bool = True,
+    console: Any = None,
+) -> CurationResult:
+    """Curate ``DATA/synthetic`` into ``DATA/curated`` (see the module docstring)."""
+    pl = _pl()
+    cfg = config or CurationConfig()
+    ws = Workspace(data)
+    t_start = time.perf_counter()
+    ds = open_checked(ws.synthetic, "SynthRecord", "synthetic data")
+    if len(ds) == 0:
+        raise ShardError(f"{ws.synthetic} has no rows: nothing to curate (run `cocoa-data synth` first)")
+    timings: dict[str, float] = {}
+    progress = make_progress(console, show_progress)
+    with progress:
+        t0 = time.perf_counter()
+        df, n_images = load_frame(ds, cfg, progress)
+        timings["load+images"] = round(time.perf_counter() - t0, 3)
+        t0 = time.perf_counter()
+        df, words = text_features(df, cfg, progress)
+        timings["text_features"] = round(time.perf_counter() - t0, 3)
+        eval_index = None
+        if eval_data is not None:
+            from .decontam import build_eval_index
+
+            t0 = time.perf_counter()
+            eval_index = build_eval_index(eval_data, cfg.decontam.ngram, cfg.image.max_pixels)
+            timings["eval_index"] = round(time.perf_counter() - t0, 3)
+        ctx = Context(cfg=cfg, df=df, words=words, eval_index=eval_index)
+        steps_task = progress.add_task("rules", total=len(STEPS))
+        step_times: dict[str, float] = {}
+        for step in STEPS:  # one step at a time so the bar moves; state lives in ctx.df
+            apply_steps(ctx, [step], step_times)
+            progress.advance(steps_task)
+        timings.update(step_times)
+        df = ctx.df
+        orig_rows: list[dict[str, Any]] = []
+        orig_report: dict[str, Any] = {"note": "no --eval-data: original rows were not decontaminated"}
+        if eval_index is not None:
+            t0 = time.perf_counter()
+            orig_rows, orig_report = decontaminate_original(ws, cfg, eval_index, cfg.image.max_pixels, progress)
+            timings["decontam_original"] = round(time.perf_counter() - t0, 3)
+
+    # --- write curated/ and curated/rejected/ -----------------------------------------------------
+    t0 = time.perf_counter()
+    reasons = df[REASON].to_numpy()
+    keep_idx = np.flatnonzero(pd_isnull(reasons))
+    rej_idx = np.flatnonzero(~pd_isnull(reasons))
+    in_ck = dataset_checksum(ws.synthetic)
+    prov = {"stage": "curate", "input": in_ck, "config": cfg.model_dump(mode="json"),
+            "eval_data": None if eval_data is None else str(eval_data)}
+    table = ds.table()
+    kept = table.take(pa_indices(keep_idx))
+    if cfg.text.normalize:
+        import pyarrow as pa
+
+        sub = df[keep_idx.tolist()] if len(keep_idx) else df.head(0)
+        for c in ("caption", "question", "answer"):
+            kept = kept.set_column(kept.schema.get_field_index(c), c, pa.array(sub[c].to_list(), type=pa.string()))
+    with ShardWriter(ws.curated, "SynthRecord", mode="overwrite", provenance=prov) as w:
+        w.write_table(kept)
+    with ShardWriter(ws.rejected, "QuarantineRecord", mode="overwrite", provenance=prov) as w:
+        det = df[DETAIL].to_list()
+        for s in range(0, len(rej_idx), 20_000):
+            part = rej_idx[s:s + 20_000]
+            for r, row in zip(part, table.take(pa_indices(part)).to_pylist()):
+                w.write_row(_quarantine_row(str(reasons[r]), det[r] or "", row, synth_payload(row),
+                                            {"input": "synthetic", "kind": row["kind"], "source": row["source"]}))
+        for row in orig_rows:
+            w.write_row(row)
+    timings["write"] = round(time.perf_counter() - t0, 3)
+
+    # --- report ------------------------------------------------------------------------------------
+    counts = df.group_by(REASON).len().filter(pl.col(REASON).is_not_null())
+    by_rule = dict(zip(counts[REASON].to_list(), counts["len"].to_list()))
+    kinds_in = dict(df.group_by("kind").len().sort("kind").iter_rows())
+    kinds_out = dict(df.filter(pl.col(REASON).is_null()).group_by("kind").len().sort("kind").iter_rows())
+    drops = {
+        s.name: {"count": int(by_rule.get(s.name, 0)), "rule": s.doc,
+                 "examples": _examples(df, s.name, cfg.examples) if by_rule.get(s.name) else []}
+        for s in STEPS
+    }
+    report = {
+        "input": in_ck,
+        "rows_in": df.height,
+        "rows_out": int(len(keep_idx)),
+        "rows_rejected": int(len(rej_idx)),
+        "kinds_in": kinds_in,
+        "kinds_out": kinds_out,
+        "distinct_images": n_images,
+        "drops": drops,
+        "near_dup": ctx.stats.get("near", {}),
+        "decontamination": {
+            "eval_data": None if eval_data is None else str(eval_data),
+            "eval_index": eval_index.summary() if eval_index is not None else None,
+            "original": orig_report,
+        },
+        "config": cfg.model_dump(mode="json"),
+        "timings_s": timings,
+        "total_s": round(time.perf_counter() - t_start, 3),
+        "outputs": {"curated": str(ws.curated), "rejected": str(ws.rejected)},
+    }
+    atomic_write_json(ws.curated / "report.json", report)
+    return CurationResult(report=report, kept=int(len(keep_idx)), rejected=int(len(rej_idx)) + len(orig_rows))
+
+
+def make_progress(console: Any = None, show: bool = True):  # type: ignore[no-untyped-def]
+    """A rich progress bar with count, rate and ETA."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task):  # type: ignore[no-untyped-def]
+            return Text(f"{task.speed:,.0f}/s" if task.speed else "")
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
+                    TimeRemainingColumn(), console=console, disable=not show)
+
+
+def pd_isnull(a: np.ndarray) -> np.ndarray:
+    return np.array([x is None for x in a], dtype=bool) if a.dtype == object else np.zeros(len(a), dtype=bool)
+
+
+def print_report(report: dict[str, Any], console: Any = None) -> None:
+    """The rich table of rows in/out and drops per rule with an example each."""
+    from rich.console import Console
+    from rich.table import Table
+
+    con = console or Console()
+    t = Table(title=f"curate: {report['rows_in']} rows in, {report['rows_out']} out, "
+                    f"{report['rows_rejected']} rejected")
+    t.add_column("rule")
+    t.add_column("dropped", justify="right")
+    t.add_column("example")
+    for name, d in report["drops"].items():
+        ex = d["examples"][0] if d["examples"] else None
+        t.add_row(name, str(d["count"]), "" if ex is None else f"{ex['detail']} | {ex['text'][:60]}")
+    orig = report["decontamination"]["original"]
+    if orig.get("rejected") is not None:
+        t.add_row("original (decontam)", str(orig.get("rejected", 0)), json.dumps(orig.get("by_rule", {})))
+    con.print(t)
+    if report["decontamination"]["eval_data"] is None:
+        con.print("[yellow]no --eval-data given: nothing was decontaminated against evaluation data[/yellow]")
+
+
+__all__ = ["STEPS", "RULES", "Step", "Context", "apply_steps", "run_curation", "print_report", "open_checked",
+           "dataset_checksum", "RecordError"]
