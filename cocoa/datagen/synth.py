@@ -82,6 +82,7 @@ KEY_VERSION = "cocoa-synth/1"
 WRITER = "cocoa-data synth"
 DEFAULT_TEACHER = "Qwen/Qwen2.5-VL-7B-Instruct"
 SCENES_TEACHER = "cocoa/scenes-teacher"
+VLLM_MAX_PIXELS = 1003520  # 1280 * 28 * 28: ~1280 visual tokens for Qwen2/2.5-VL
 _HUGE = 1 << 60  # ShardWriter limits: this module decides when to commit (request boundaries)
 
 
@@ -141,7 +142,8 @@ class SynthConfig(Config):
     max_tokens: int = Field(768, ge=1, description="Max new tokens per output")
     seed: int = Field(0, description="Base seed (per-request seeds derive from it and the request key)")
     min_pixels: int | None = Field(None, ge=1, description="Image min pixels for the processor (vllm/transformers)")
-    max_pixels: int | None = Field(1003520, ge=1, description="Image max pixels for the processor (vllm/transformers)")
+    max_pixels: int | None = Field(None, ge=1, description="Image max pixels for the processor (vllm: 1003520 if "
+                                   "unset; transformers: the model's processor default)")
     device: str = Field("auto", description="transformers backend: cpu, cuda, cuda:1 or auto")
     dtype: str = Field("auto", description="transformers backend: float32, bfloat16, float16 or auto")
     batch_size: int | None = Field(None, ge=1, description="Requests per generate call (backend default if unset)")
@@ -194,7 +196,10 @@ class SynthConfig(Config):
 
     def key_options(self) -> dict[str, Any]:
         """Backend options that change what the model sees (part of each request key)."""
-        if self.resolved_backend() in ("vllm", "transformers"):
+        backend = self.resolved_backend()
+        if backend == "vllm":
+            return {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels or VLLM_MAX_PIXELS}
+        if backend == "transformers":
             return {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels}
         return {}
 

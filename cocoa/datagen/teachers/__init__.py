@@ -50,7 +50,7 @@ def build_teacher(config: SynthConfig) -> Teacher:
             model=model, revision=config.revision, tensor_parallel_size=v.tensor_parallel_size,
             max_model_len=v.max_model_len, gpu_memory_utilization=v.gpu_memory_utilization,
             max_num_seqs=v.max_num_seqs, dtype=v.dtype, mode=v.mode, enforce_eager=v.enforce_eager,
-            min_pixels=config.min_pixels, max_pixels=config.max_pixels, seed=config.seed,
+            min_pixels=config.min_pixels, max_pixels=config.key_options()["max_pixels"], seed=config.seed,
             batch_size=config.batch_size or 512,
         )
     raise TeacherError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
