@@ -2,16 +2,38 @@
 
 import click
 
-from .common import CocoaGroup, not_implemented
+from ..config import config_options
+from ..train.config import TrainConfig
+from .common import CocoaGroup
+
+EPILOG = """
+\b
+Examples:
+  cocoa-train --stages 1,2,3 --data shards/ --out runs/tiny          # laptop: embedded tiny model, CPU
+  cocoa-train --stages 3 --data shards/ --model Qwen/Qwen2-VL-2B-Instruct --out runs/s3-only
+  torchrun --nproc_per_node 8 -m cocoa.cli.train --stages 1,2,3 --data shards/ \\
+      --model Qwen/Qwen2-VL-2B-Instruct --out runs/2b --config train.yaml
+\b
+Stage k starts from stage k-1's output (OUT/stage{k-1}/model) when that stage is selected, else --model.
+Rerunning the same command continues from the latest complete checkpoint (--resume auto).
+See docs/training.md for the settings, presets and the 8-GPU recipe.
+"""
 
 
-@click.group(cls=CocoaGroup, invoke_without_command=True,
+@click.group(cls=CocoaGroup, invoke_without_command=True, epilog=EPILOG,
              context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@config_options(TrainConfig)
 @click.pass_context
-def cli(ctx: click.Context) -> None:
-    """Train an embedding model with CoCoA stages 1, 2, 3 (not implemented yet)."""
-    if ctx.invoked_subcommand is None:
-        not_implemented("cocoa-train")
+def cli(ctx: click.Context, config: TrainConfig) -> None:
+    """Train an embedding model with CoCoA stages 1, 2, 3 (bidirectional warm-up, EOS-bridged
+    reconstruction under collaborative attention, InfoNCE on the EOS embedding)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from ..train.loop import run_training
+
+    result = run_training(config)
+    for k, path in result["stages"].items():
+        click.echo(f"stage {k}: {path}")
 
 
 def _register() -> None:
