@@ -113,6 +113,8 @@ class SynthConfig(Config):
     scenes_n: int = Field(200, ge=1, description="Scene pairs to generate when no scenes dataset is given")
     scenes_seed: int = Field(0, description="Seed of the generated scene pairs")
     mmeb_dir: str | None = Field(None, description="Local MMEB-train snapshot (parquet + image zips); default: the hub")
+    mmeb_split: Literal["original", "diverse_instruction"] = Field("original", description="MMEB-train instruction split")
+    mmeb_image_dir: str | None = Field(None, description="Extracted MMEB-train images (instead of the zips)")
     subsets: list[str] = Field(default_factory=list, description="MMEB subsets, comma-separated (default: all)")
     max_per_subset: int | None = Field(None, ge=1, description="At most this many pairs per MMEB subset")
     limit: int | None = Field(None, ge=1, description="At most this many source pairs in total")
@@ -329,6 +331,7 @@ class Source:
     image_root: Path | None       # root for path-referenced images
     write_original: bool          # False when the input already is OUT/original
     describe: str
+    report: Any = None            # rows the source skipped (bad images...), as QuarantineRecords
 
 
 def _dataset_source(name: str, path: Path, ws: Workspace, limit: int | None) -> Source:
@@ -363,24 +366,36 @@ def open_source(config: SynthConfig, ws: Workspace) -> Source:
 def _mmeb_source(config: SynthConfig) -> Source:
     from .sources import mmeb
 
-    kw: dict[str, Any] = {}
-    if config.subsets:
-        kw["subsets"] = list(config.subsets)
-    if config.max_per_subset is not None:
-        kw["max_per_subset"] = config.max_per_subset
-    pairs: Iterable[PairRecord] = mmeb.iter_mmeb_train(config.mmeb_dir, **kw)
+    report = mmeb.SourceReport()
+    src: str | Path = config.mmeb_dir or mmeb.TRAIN_REPO
+    pairs: Iterable[PairRecord] = mmeb.iter_mmeb_train(
+        src, subsets=list(config.subsets) or None, split=config.mmeb_split, max_per_subset=config.max_per_subset,
+        image_dir=config.mmeb_image_dir, report=report)
     if config.limit is not None:
         pairs = itertools.islice(pairs, config.limit)
-    total = None
-    count = getattr(mmeb, "count_mmeb_train", None)
-    if count is not None:
-        with contextlib.suppress(Exception):
-            total = count(config.mmeb_dir, **kw)
-            if config.limit is not None and total is not None:
-                total = min(total, config.limit)
-    where = config.mmeb_dir or "the hub"
-    return Source("mmeb", pairs, total, Path(config.mmeb_dir) if config.mmeb_dir else None, True,
-                  f"MMEB-train from {where}")
+    total = _mmeb_row_estimate(config)
+    return Source("mmeb", pairs, total, None, True, f"MMEB-train ({config.mmeb_split}) from {src}", report=report)
+
+
+def _mmeb_row_estimate(config: SynthConfig) -> int | None:
+    """Rows to expect (progress bar and ETA only), from parquet metadata of a local snapshot."""
+    est = None
+    if config.mmeb_dir and Path(config.mmeb_dir).is_dir():
+        import pyarrow.parquet as pq
+
+        root = Path(config.mmeb_dir)
+        subsets = list(config.subsets) or sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        est = 0
+        for sub in subsets:
+            files = sorted((root / sub).glob(f"{config.mmeb_split}-*.parquet")) or sorted((root / sub).glob("train-*.parquet"))
+            n = 0
+            for f in files:
+                with contextlib.suppress(Exception):
+                    n += pq.ParquetFile(f).metadata.num_rows
+            est += min(n, config.max_per_subset) if config.max_per_subset is not None else n
+    if config.limit is not None:
+        est = config.limit if est is None else min(est, config.limit)
+    return est
 
 
 # =============================================================================================
@@ -710,6 +725,23 @@ class Synthesizer:
         while work:
             work = self._run_batch(work[:bs]) + work[bs:]
             self._maybe_commit()
+        self._source_skips(source, done)
+
+    def _source_skips(self, source: Source, done: set[str]) -> None:
+        """Rows the source reader skipped (missing/corrupt images, bad rows): quarantined, never dropped."""
+        if source.report is None:
+            return
+        cfg = self.config
+        for q in source.report.quarantine:
+            key = digest(f"source:{q.key}")
+            if partition(key, cfg.num_shards) != cfg.shard_index or key in done:
+                continue
+            done.add(key)
+            self.quar_w.write(QuarantineRecord(**{**q.model_dump(exclude={"id"}), "key": key,
+                                                   "meta": {**q.meta, "source_key": q.key}}))
+            self.summary.quarantined += 1
+            self.summary.reasons[f"source:{q.reason}"] += 1
+            self._pending_rows += 1
 
     def _run_batch(self, batch: list[Planned]) -> list[Planned]:
         """Generate one batch; returns the requests to retry (new attempt, new seed)."""
