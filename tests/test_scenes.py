@@ -21,6 +21,10 @@ def test_same_seed_same_bytes_and_records():
     assert [r.qry_image.bytes if r.qry_image else r.pos_image.bytes for r in a] == \
         [r.qry_image.bytes if r.qry_image else r.pos_image.bytes for r in b]
     assert [r.meta for r in a] == [r.meta for r in b]
+    ev1 = list(S.iter_eval_sets(2, 6, seed=3, datasets=["SceneT2I-OOD", "SceneVQA"]))
+    ev2 = list(S.iter_eval_sets(2, 6, seed=3, datasets=["SceneT2I-OOD", "SceneVQA"]))
+    assert [r.id for r in ev1] == [r.id for r in ev2]
+    assert [x.bytes for x in ev1[0].tgt_images] == [x.bytes for x in ev2[0].tgt_images]
     c = _first_pairs(15, seed=4)
     assert {r.id for r in a}.isdisjoint({r.id for r in c})
     # record i depends only on (seed, i): a resumed stream gives the same tail
@@ -58,6 +62,14 @@ def test_scene_graph_consistency():
                 attr = {"color_of": "color", "shape_of": "shape", "material_of": "material", "size_of": "size",
                         "text_on": "text"}[qt]
                 assert ans == getattr(o, attr)
+            elif qt == "relation":
+                body = q[len("Is the "):-1]
+                rel = next(r_ for r_ in ("left of", "right of", "above", "below") if f" {r_} the " in body)
+                a, b = body.split(f" {rel} the ")
+                ia = [i for i in range(len(scene.objects)) if scene.refer(i) == a]
+                ib = [i for i in range(len(scene.objects)) if scene.refer(i) == b]
+                assert len(ia) == 1 and len(ib) == 1
+                assert ans == ("yes" if scene.relation(ia[0], ib[0])[rel] else "no")
             elif qt == "exist":
                 color, shape = q[len("Is there a "):-1].split(" ")
                 assert ans == ("yes" if scene.count(color=color, shape=shape) else "no")
@@ -107,7 +119,9 @@ def test_benchmark_layout_hf_and_ood(scenes_root):
     train_combos = {(o["color"], o["shape"]) for r in recs for o in r.meta["scene"]["objects"]}
     assert train_combos and not (train_combos & S.HELD_OUT_COMBOS)
     hf = train.to_hf()
-    assert len(hf) == 240 and hf[0]["qry_image"] is not None or hf[0]["pos_image"] is not None
+    assert len(hf) == 240
+    row = hf[0]
+    assert (row["qry_image"] or row["pos_image"]).size == (112, 112)
 
     for name, info in S.DATASETS.items():
         d = scenes_root / "eval" / name

@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
-import json
 import random
 import shutil
 from collections import Counter
@@ -1075,7 +1074,3 @@ def scene_of(record: PairRecord | EvalRecord) -> Scene:
     if "scene" not in record.meta:
         raise RecordError(f"record {record.id} has no meta['scene'] (it is not a scenes record)")
     return Scene.from_dict(record.meta["scene"])
-
-
-def summary_json(summary: dict[str, Any]) -> str:
-    return json.dumps(summary, indent=2)
