@@ -171,12 +171,15 @@ def test_eval_hard_negatives_and_answers(scenes_root):
         assert keys[0] not in keys[1:]  # no distractor caption describes the query image
 
 
-def test_iter_eval_sets_embedded_and_errors():
+def test_iter_eval_sets_embedded_and_errors(tmp_path):
     recs = list(S.iter_eval_sets(2, 5, seed=0, datasets=["SceneGround-OOD", "SceneT2I"]))
     assert [r.dataset for r in recs] == ["SceneGround-OOD"] * 2 + ["SceneT2I"] * 2
     assert all(x.bytes is not None for r in recs for x in r.tgt_images)
     with pytest.raises(RecordError, match="unknown scenes dataset.*known: SceneCls"):
         list(S.iter_eval_sets(1, 5, datasets=["ImageNet-1K"]))
+    with pytest.raises(RecordError, match="unknown scenes dataset"):
+        S.build_benchmark(tmp_path / "b", 1, 1, 1, datasets=["SceneCls", "Nope"])
+    assert not (tmp_path / "b").exists()
     with pytest.raises(RecordError, match="at least 28"):
         S.build_benchmark("/nonexistent/never", 1, 1, 1, image_size=20)
     with pytest.raises(RecordError, match="not a scene graph"):

@@ -909,6 +909,9 @@ def build_benchmark(
         raise RecordError("n_train and eval_per_task must be >= 0 and n_distractors >= 1")
     root = Path(root)
     names = datasets or list(DATASETS)
+    unknown = [n for n in names if n not in DATASETS]
+    if unknown:
+        raise RecordError(f"unknown scenes dataset(s) {unknown}; known: {', '.join(DATASETS)}")
     targets = [root / "original"] + [root / "eval" / n for n in names]
     existing = [p for p in targets if p.exists()]
     if existing and not overwrite:
