@@ -55,14 +55,14 @@ MAX_PIXELS = 112 * 112
 
 # Default architecture settings. Any of them can be overridden through ``build_tiny_model(**overrides)``.
 DEFAULTS: dict[str, Any] = {
-    "vocab_size": 2048,  # BPE target; the model's vocab is the tokenizer's actual size
+    "vocab_size": 4096,  # BPE target; the model's vocab is the tokenizer's actual size
     "hidden_size": 192,
     "num_hidden_layers": 4,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "intermediate_size": 512,
-    "vision_embed_dim": 96,
-    "vision_depth": 2,
+    "vision_embed_dim": 128,
+    "vision_depth": 3,
     "vision_num_heads": 4,
     "vision_intermediate_size": 256,  # Qwen2.5-VL only (Qwen2-VL uses mlp_ratio)
     "max_position_embeddings": 4096,
@@ -112,7 +112,10 @@ QUESTION_WORDS = ["what", "which", "who", "where", "when", "why", "how", "whose"
                   "describe", "find", "select", "choose", "answer", "question", "caption", "represent",
                   "given", "following", "retrieve", "matches", "match", "region", "crop", "referring",
                   "expression", "instruction", "query", "target", "classify", "category", "class",
-                  "identify", "locate", "visible", "located", "positioned", "placed", "compared"]
+                  "identify", "locate", "visible", "located", "positioned", "placed", "compared", "rendered",
+                  "rendering", "portion", "isolates", "isolate", "finish", "surface", "largest", "smallest",
+                  "description", "fits", "region", "showing", "character", "characters", "printed", "total",
+                  "give", "would", "say", "cropped", "main", "photo", "letter", "digit", "number", "numbers"]
 FUNCTION_WORDS = ["the", "a", "an", "of", "to", "in", "on", "at", "by", "for", "with", "and", "or", "not",
                   "but", "if", "then", "than", "as", "from", "into", "onto", "it", "its", "this", "that",
                   "these", "those", "there", "here", "be", "been", "being", "was", "were", "has", "have",
@@ -123,6 +126,31 @@ FUNCTION_WORDS = ["the", "a", "an", "of", "to", "in", "on", "at", "by", "for", "
                   "will", "would", "should", "could", "may", "might", "must", "shall", "one", "ones",
                   "user", "assistant", "system", "represent", "embedding", "summarize", "above", "word",
                   "sentence", "short", "long", "detailed", "description", "summary", "information"]
+ENGLISH = """time year people way day man woman child world life hand part place case week company system
+program work government number night point home water room mother area money story fact month lot right
+study book eye job word business issue side kind head house service friend father power hour game line end
+member law car city community name president team minute idea kid body information back parent face others
+level office door health person art war history party result change morning reason research girl guy moment
+air teacher force education foot boy age policy process music market sense nation plan college interest death
+experience effect class control care field development role effort rate heart drug show leader light voice
+wife police mind price report decision son view relationship town road arm difference value building action
+model season society tax director position player record paper space ground form event official matter center
+couple site project activity star table need court oil situation cost industry figure street image phone data
+picture practice piece land product doctor wall patient worker news test movie north love support technology
+step baby computer type attention film tree source organization hair window evidence population truth
+say go know think take see come want use find give tell ask seem feel try leave call keep let begin help talk
+turn start run move live believe hold bring happen write provide sit stand lose pay meet include continue set
+learn lead understand watch follow stop create speak read allow add spend grow open walk win offer remember
+consider appear buy wait serve die send expect build stay fall cut reach kill remain suggest raise pass sell
+require decide return explain hope develop carry break receive agree support hit produce eat cover catch draw
+good new old great high different small large big long little own important young early public bad able late
+hard real best better sure free full special easy clear recent certain personal open whole strong possible
+true black white dark bright light heavy round flat square straight curved empty close low deep simple
+similar exact main central general typical correct wrong visual random local single common natural
+always never often sometimes usually again still already even ever almost together away only quite rather
+really actually probably perhaps maybe instead least within without through during against among toward
+upon across behind beyond except per via whether either neither nor although because since unless until
+whereas yet thus therefore however otherwise meanwhile""".split()
 DIGITS = [str(i) for i in range(0, 21)] + ["100", "1000"]
 LETTERS = list("abcdefghijklmnopqrstuvwxyz") + list("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 PUNCT = [".", ",", "?", "!", ":", ";", "'", '"', "(", ")", "-", "/", "#", "<", ">", "*", "+", "=", "%", "&"]
@@ -133,11 +161,13 @@ def tokenizer_corpus() -> list[str]:
     import random
 
     rng = random.Random(1234)
-    words = sorted(set(COLORS + SHAPES + SIZES + MATERIALS + RELATIONS + COUNTS + QUESTION_WORDS + FUNCTION_WORDS))
+    words = sorted(set(COLORS + SHAPES + SIZES + MATERIALS + RELATIONS + COUNTS + QUESTION_WORDS + FUNCTION_WORDS
+                       + ENGLISH))
     lines: list[str] = []
-    # every word alone, capitalised, plural, with a leading space (as it appears mid-sentence)
+    # every word alone, capitalised, plural, with a leading space (as it appears mid-sentence); the
+    # mid-sentence forms twice, so that BPE (min_frequency=2) learns them as whole tokens
     for w in words:
-        lines += [w, w.capitalize(), f" {w}", f" {w}s", f"{w.upper()}"]
+        lines += [w, w.capitalize(), f" {w}", f" {w}", f" {w.capitalize()}", f" {w}s", f"{w.upper()}"]
     lines += DIGITS + [" ".join(DIGITS), " ".join(LETTERS), " ".join(PUNCT)]
     templates = [
         "a {size} {color} {material} {shape}.",
