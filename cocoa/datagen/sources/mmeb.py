@@ -50,6 +50,7 @@ from ...records import (
     QuarantineRecord,
     RecordError,
     _check_relpath,
+    _pydantic_msg,
     canonical_json,
     decode_image,
     digest,
@@ -457,7 +458,7 @@ def _train_record(row: dict[str, Any], subset: str, images: ImageSource, meta: d
                           pos_text=_opt_str(row["pos_text"]), pos_image=pos_image, neg_text=neg_text,
                           neg_image=neg_image, meta=meta)
     except Exception as e:
-        raise _Skip("invalid_row", f"not a usable pair ({str(e).splitlines()[-1].strip()})") from None
+        raise _Skip("invalid_row", f"not a usable pair ({_pydantic_msg(e)})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -578,7 +579,7 @@ def _eval_record(row: dict[str, Any], info: MMEBDataset, images: ImageSource, ca
                           qry_image=qry_image, tgt_texts=texts, tgt_images=tgt_images,
                           meta={**meta, "qry_img_path": _opt_str(row["qry_img_path"])})
     except Exception as e:
-        raise _Skip("invalid_row", f"not a usable evaluation row ({str(e).splitlines()[-1].strip()})") from None
+        raise _Skip("invalid_row", f"not a usable evaluation row ({_pydantic_msg(e)})") from None
 
 
 # ---------------------------------------------------------------------------------------------
