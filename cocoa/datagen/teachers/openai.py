@@ -104,8 +104,11 @@ class OpenAITeacher(Teacher):
         timeout = httpx.Timeout(self.timeout, connect=min(self.timeout, 30.0))
         sem = asyncio.Semaphore(self.concurrency)
         async with httpx.AsyncClient(timeout=timeout, limits=limits, headers=self._headers()) as client:
-            async with asyncio.TaskGroup() as tg:
-                tasks = [tg.create_task(self._one(client, sem, r)) for r in requests]
+            try:
+                async with asyncio.TaskGroup() as tg:  # a fatal error cancels the other requests
+                    tasks = [tg.create_task(self._one(client, sem, r)) for r in requests]
+            except BaseExceptionGroup as eg:
+                raise eg.exceptions[0] from None
         return [t.result() for t in tasks]
 
     def _delay(self, attempt: int, retry_after: str | None) -> float:
