@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..records import EvalRecord, RecordError
 
@@ -18,6 +19,11 @@ class EvalSet:
     root: Path | None = None  # image paths in the records are relative to this directory
     source: str = ""  # where it was read from (for messages)
     meta: dict = field(default_factory=dict)
+    # Images not stored under ``root`` (MMEB zips): ``read_image(path) -> bytes`` reads one by its
+    # relative path at encoding time, ``image_info[path] = (digest, (w, h))`` was computed while loading.
+    read_image: Callable[[str], bytes] | None = None
+    image_info: dict[str, tuple[str, Any]] = field(default_factory=dict)
+    n_skipped: int = 0  # source rows left out (MMEB, only with on_bad_row="skip")
 
 
 def _check_names(requested: Sequence[str] | None, known: Iterable[str], where: str, what: str = "dataset") -> list[str]:
@@ -96,4 +102,77 @@ def load_scenes(path: str | Path, datasets: Sequence[str] | None = None, limit: 
             if limit is not None and len(recs) >= limit:
                 break
         sets.append(_from_records(name, recs, ddir, str(ddir)))
+    return sets
+
+
+def load_mmeb(mmeb_dir: str | Path, datasets: Sequence[str] | None = None, limit: int | None = None, *,
+              image_dir: str | Path | None = None, on_bad_row: str = "raise") -> list[EvalSet]:
+    """MMEB-eval datasets from a local copy of ``TIGER-Lab/MMEB-eval`` (one parquet config per dataset,
+    images in ``images.zip`` or an extracted folder), read by :func:`cocoa.datagen.sources.mmeb.iter_mmeb_eval`.
+
+    Images are validated and hashed while loading but not kept in memory: only the ones that still need
+    encoding are read again (from the zip) when their batch comes. A row with an unusable image or an
+    empty positive stops the run (``on_bad_row="raise"``, the default: dropping rows changes the
+    protocol) or, with ``"skip"``, is left out and counted per dataset (``n_skipped``, shown in reports).
+    """
+    import warnings
+
+    from ..datagen.sources.mmeb import ImageSource, SourceReport, image_bytes_checked, iter_mmeb_eval
+    from ..records import ImageRef, digest
+    from .embedder import image_header_size
+
+    root = Path(mmeb_dir)
+    if not root.is_dir():
+        raise RecordError(f"--mmeb-dir {root} is not a directory; give a local copy of TIGER-Lab/MMEB-eval "
+                          "(<Dataset>/test-*.parquet + images.zip)")
+    if on_bad_row not in ("raise", "skip"):
+        raise RecordError(f"on_bad_row must be raise or skip, not {on_bad_row!r}")
+    info: dict[str, tuple[str, Any]] = {}
+
+    def store(dataset: str, ref: ImageRef) -> ImageRef:
+        data = ref.bytes or b""
+        info[ref.path or ""] = (digest(data), image_header_size(data))
+        return ImageRef(path=ref.path)  # drop the bytes: re-read only if this input must be encoded
+
+    report = SourceReport()
+    by_name: dict[str, list[EvalRecord]] = {}
+    try:
+        for rec in iter_mmeb_eval(root, datasets=list(datasets) if datasets else None, max_per_dataset=limit,
+                                  image_dir=image_dir, on_error=on_bad_row, report=report, store=store):  # type: ignore[arg-type]
+            by_name.setdefault(rec.dataset, []).append(rec)
+    except RecordError as e:
+        if on_bad_row == "raise" and " row " in str(e):
+            raise RecordError(f"{e}. Fix the row, or pass --on-bad-row skip to leave such rows out (they are counted "
+                              "and shown in the reports)") from None
+        raise
+    names = list(datasets) if datasets else list(dict.fromkeys(list(report.read) + list(by_name)))
+
+    idir = Path(image_dir) if image_dir is not None else None
+    zips = [z for z in (root / "images.zip",) if z.is_file()]
+    dirs = [d for d in (idir, root / "eval_images", root) if d is not None and d.is_dir()]
+    images = ImageSource(zips=zips, dirs=dirs)
+
+    def read_image(path: str) -> bytes:
+        try:
+            return image_bytes_checked(images.read(path), path)[0]
+        except RecordError:
+            raise
+        except Exception as e:  # the reader's skip signal: the image vanished or changed since loading
+            raise RecordError(f"MMEB image {path!r} cannot be read any more from {images.describe()} "
+                              f"({getattr(e, 'detail', e)}); was the MMEB directory modified during evaluation?") from None
+
+    sets = []
+    for name in names:
+        skipped = report.read[name] - report.kept[name]
+        if skipped:
+            warnings.warn(f"MMEB {name}: {skipped} of {report.read[name]} rows skipped as unusable "
+                          f"({dict(report.skipped)}); its P@1 is over the {report.kept[name]} remaining rows",
+                          stacklevel=2)
+        recs = by_name.get(name, [])
+        es = _from_records(name, recs, root, f"{root}/{name}")
+        es.read_image = read_image
+        es.image_info = info
+        es.n_skipped = skipped
+        es.meta["image_source"] = images
+        sets.append(es)
     return sets

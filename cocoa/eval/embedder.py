@@ -36,8 +36,13 @@ class LazyImage:
     ref: ImageRef
     root: Path | None = None
     size: tuple[int, int] | None = None  # (w, h) if known, for length estimates
+    reader: Callable[[str], bytes] | None = None  # reads ``ref.path`` when the image is not under ``root``
 
     def load(self) -> Any:
+        if self.reader is not None and self.ref.bytes is None and self.ref.path is not None:
+            from ..records import decode_image
+
+            return decode_image(self.reader(self.ref.path), name=self.ref.path)
         return self.ref.load(self.root)
 
 

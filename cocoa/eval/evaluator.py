@@ -49,6 +49,9 @@ class EvalConfig(Config):
     benchmark: Literal["scenes", "mmeb"] = Field("scenes", description="which benchmark to run")
     data: str | None = Field(None, description="scenes: the root written by `cocoa-data scenes` (or its eval/ dir)")
     mmeb_dir: str | None = Field(None, description="mmeb: directory in the MMEB-eval layout (parquet per dataset + images)")
+    mmeb_image_dir: str | None = Field(None, description="mmeb: extracted images, if not in MMEB_DIR/images.zip or eval_images/")
+    on_bad_row: Literal["raise", "skip"] = Field(
+        "raise", description="mmeb: a row with an unusable image/empty positive stops the run, or is skipped and counted")
     datasets: list[str] = Field(default_factory=list, description="only these datasets, comma-separated (default: all)")
     limit: int | None = Field(None, ge=1, description="score at most the first N queries of each dataset (quick runs)")
     out: str | None = Field(None, description="where to write results.json/.md/.png (default: MODEL/eval-BENCHMARK)")
@@ -71,7 +74,8 @@ class EvalConfig(Config):
 # loading the evaluation sets
 # ---------------------------------------------------------------------------------------------
 def load_sets(benchmark: str, *, data: str | Path | None = None, mmeb_dir: str | Path | None = None,
-              datasets: Sequence[str] | None = None, limit: int | None = None) -> list[EvalSet]:
+              datasets: Sequence[str] | None = None, limit: int | None = None, mmeb_image_dir: str | Path | None = None,
+              on_bad_row: str = "raise") -> list[EvalSet]:
     from . import data as D
 
     if benchmark == "scenes":
@@ -82,7 +86,7 @@ def load_sets(benchmark: str, *, data: str | Path | None = None, mmeb_dir: str |
         if mmeb_dir is None:
             raise EvalError("the mmeb benchmark needs --mmeb-dir: a directory in the MMEB-eval layout "
                             "(one parquet config per dataset + the images)")
-        return D.load_mmeb(mmeb_dir, datasets, limit)
+        return D.load_mmeb(mmeb_dir, datasets, limit, image_dir=mmeb_image_dir, on_bad_row=on_bad_row)
     raise EvalError(f"unknown benchmark {benchmark!r}; use scenes or mmeb")
 
 
@@ -96,18 +100,26 @@ class _Inputs:
         self.items: dict[str, tuple[str, Any]] = {}
         self._img: dict[Any, tuple[str, tuple[int, int] | None]] = {}
 
-    def image(self, ref: Any, root: Path | None) -> tuple[str, tuple[int, int] | None]:
+    def image(self, ref: Any, s: EvalSet) -> tuple[str, tuple[int, int] | None]:
         from .embedder import image_header_size
 
-        mkey = ("b", ref.path, len(ref.bytes), hash(ref.bytes)) if ref.bytes is not None else ("p", str(ref.resolve(root)))
+        if ref.bytes is None and s.read_image is not None:
+            known = s.image_info.get(ref.path)
+            if known is not None:
+                return known
+            mkey: Any = ("r", id(s.read_image), ref.path)
+        elif ref.bytes is not None:
+            mkey = ("b", ref.path, len(ref.bytes), hash(ref.bytes))
+        else:
+            mkey = ("p", str(ref.resolve(s.root)))
         hit = self._img.get(mkey)
         if hit is None:
-            data = ref.read_bytes(root)
+            data = s.read_image(ref.path) if (ref.bytes is None and s.read_image is not None) else ref.read_bytes(s.root)
             hit = (digest(data), image_header_size(data))
             self._img[mkey] = hit
         return hit
 
-    def add(self, text: str, ref: Any, root: Path | None) -> str:
+    def add(self, text: str, ref: Any, s: EvalSet) -> str:
         from .embedder import LazyImage
 
         if ref is None:
@@ -115,10 +127,10 @@ class _Inputs:
             if key not in self.items:
                 self.items[key] = (text, None)
             return key
-        dg, size = self.image(ref, root)
+        dg, size = self.image(ref, s)
         key = input_key(text, dg)
         if key not in self.items:
-            self.items[key] = (text, LazyImage(ref=ref, root=root, size=size))
+            self.items[key] = (text, LazyImage(ref=ref, root=s.root, size=size, reader=s.read_image))
         return key
 
 
@@ -130,13 +142,13 @@ def _collect(sets: list[EvalSet]) -> tuple[_Inputs, list[tuple[list[str], list[l
         c_keys: list[list[str]] = []
         for r in s.records:
             try:
-                q_keys.append(inputs.add(r.qry_text, r.qry_image, s.root))
+                q_keys.append(inputs.add(r.qry_text, r.qry_image, s))
                 cs = []
                 for j, (t, im) in enumerate(zip(r.tgt_texts, r.tgt_images)):
                     if not t.strip() and im is None:  # EvalRecord refuses an empty positive; guard the rest
                         what = "the positive candidate (index 0)" if j == 0 else f"candidate {j}"
                         raise RecordError(f"{what} is empty (no text and no image); fix or drop this record")
-                    cs.append(inputs.add(t, im, s.root))
+                    cs.append(inputs.add(t, im, s))
                 c_keys.append(cs)
             except RecordError as e:
                 raise RecordError(f"{s.source or s.name}: record {r.id} ({s.name}): {e}") from None
@@ -179,7 +191,7 @@ def _default_label(model_dir: Path | None) -> str:
 # ---------------------------------------------------------------------------------------------
 def evaluate(model: str | Path | Any, benchmark: str = "scenes", *, data: str | Path | None = None,
              mmeb_dir: str | Path | None = None, datasets: Sequence[str] | None = None, limit: int | None = None,
-             out: str | Path | None = None, cache: bool = True, cache_dir: str | Path | None = None,
+             mmeb_image_dir: str | Path | None = None, on_bad_row: str = "raise", out: str | Path | None = None, cache: bool = True, cache_dir: str | Path | None = None,
              batch_size: int = 16, pooling: str | None = None, eos_token: str | None = None, device: str = "auto",
              dtype: str = "auto", compare: str | Path | EvalResult | None = None, label: str = "", plot: bool = True,
              flush_every: int = 2048, write: bool = True, quiet: bool = False, console: Any = None,
@@ -213,7 +225,8 @@ def evaluate(model: str | Path | Any, benchmark: str = "scenes", *, data: str | 
                           stacklevel=2)
 
     if sets is None:
-        sets = load_sets(benchmark, data=data, mmeb_dir=mmeb_dir, datasets=datasets, limit=limit)
+        sets = load_sets(benchmark, data=data, mmeb_dir=mmeb_dir, datasets=datasets, limit=limit,
+                         mmeb_image_dir=mmeb_image_dir, on_bad_row=on_bad_row)
     if not sets:
         raise EvalError(f"no evaluation datasets found for benchmark {benchmark!r}")
     names = [s.name for s in sets]
@@ -306,6 +319,10 @@ def evaluate(model: str | Path | Any, benchmark: str = "scenes", *, data: str | 
             dist.broadcast_object_list(box2, src=0)
             result = box2[0]
     finally:
+        for s_ in sets:
+            src = s_.meta.get("image_source")
+            if src is not None:
+                src.close()
         if created_group:
             import torch.distributed as dist
 
@@ -347,7 +364,7 @@ def _score(sets: list[EvalSet], plan: list[tuple[list[str], list[list[str]]]], s
         ci = [[uniq[k] for k in cs] for cs in c_keys]
         hits, trivial = hits_at_1(emb[qi], emb, ci)
         mean_c = float(np.mean([len(c) for c in c_keys])) if c_keys else 0.0
-        out[s.name] = dataset_score(s.meta_task, s.split, hits, trivial, mean_c)
+        out[s.name] = dataset_score(s.meta_task, s.split, hits, trivial, mean_c, n_skipped=s.n_skipped)
     return out
 
 

@@ -24,6 +24,12 @@ def _delta(a: float | None, b: float | None) -> str:
     return "-" if a is None or b is None else f"{100 * (a - b):+.1f}"
 
 
+def _n(r: dict[str, Any]) -> str:
+    if r["kind"] != "dataset":
+        return f"{r['n']} ds"
+    return f"{r['n']} (+{r['skipped']} skipped)" if r.get("skipped") else str(r["n"])
+
+
 def rows(result: EvalResult, compare: EvalResult | None = None) -> list[dict[str, Any]]:
     """The report's rows: ``kind`` is "dataset" or "summary"; values are fractions or None."""
     out: list[dict[str, Any]] = []
@@ -33,7 +39,7 @@ def rows(result: EvalResult, compare: EvalResult | None = None) -> list[dict[str
         d = result.datasets[name]
         before = compare.datasets[name].p_at_1 if compare is not None and name in compare.datasets else None
         out.append({"kind": "dataset", "name": name, "meta_task": d.meta_task, "split": d.split, "n": d.n,
-                    "value": d.p_at_1, "before": before})
+                    "value": d.p_at_1, "before": before, "skipped": d.n_skipped})
     metas = list(META_TASKS) + [m for m in result.meta_tasks if m not in META_TASKS]
     for m in metas:
         n_ds = sum(1 for d in result.datasets.values() if d.meta_task == m)
@@ -75,8 +81,7 @@ def rich_table(result: EvalResult, compare: EvalResult | None = None):  # type: 
         if r["kind"] == "summary" and first_summary:
             t.add_section()
             first_summary = False
-        n = str(r["n"]) if r["kind"] == "dataset" else f"{r['n']} ds"
-        cells = [r["name"], META_LABELS.get(r["meta_task"], r["meta_task"]), r["split"], n]
+        cells = [r["name"], META_LABELS.get(r["meta_task"], r["meta_task"]), r["split"], _n(r)]
         if compare is not None:
             cells.append(_pct(r["before"]))
         cells.append(_pct(r["value"]))
@@ -103,9 +108,8 @@ def markdown(result: EvalResult, compare: EvalResult | None = None) -> str:
     lines += ["- P@1: positive strictly above every distractor (ties count against it); averages are unweighted means "
               "over datasets", "", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
     for r in rows(result, compare):
-        n = str(r["n"]) if r["kind"] == "dataset" else f"{r['n']} ds"
         name = f"**{r['name']}**" if r["kind"] == "summary" else r["name"]
-        cells = [name, META_LABELS.get(r["meta_task"], r["meta_task"]), r["split"], n]
+        cells = [name, META_LABELS.get(r["meta_task"], r["meta_task"]), r["split"], _n(r)]
         if compare is not None:
             cells.append(_pct(r["before"]))
         cells.append(_pct(r["value"]))
@@ -117,18 +121,17 @@ def markdown(result: EvalResult, compare: EvalResult | None = None) -> str:
 
 def plot(result: EvalResult, path: str | Path, compare: EvalResult | None = None) -> Path:
     """A PNG bar chart: the averages on top, every dataset below (with ``compare`` side by side)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     rs = rows(result, compare)
     summ = [r for r in rs if r["kind"] == "summary"]
     dsets = [r for r in rs if r["kind"] == "dataset"]
     n_ds = max(len(dsets), 1)
-    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 0.45 * n_ds + 2), 8.5),
-                             gridspec_kw={"height_ratios": [1, 1.3]})
+    fig = Figure(figsize=(max(8.0, 0.45 * n_ds + 2), 8.5))  # Agg canvas, no pyplot global state
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 1, gridspec_kw={"height_ratios": [1, 1.3]})
 
     def bars(ax, items, title):  # type: ignore[no-untyped-def]
         x = np.arange(len(items))
@@ -158,8 +161,7 @@ def plot(result: EvalResult, path: str | Path, compare: EvalResult | None = None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    fig.savefig(tmp, dpi=110, format="png")
     tmp.replace(path)
     return path
 

@@ -92,6 +92,7 @@ class DatasetScore(BaseModel):
     hits: int
     n: int
     n_trivial: int = 0
+    n_skipped: int = Field(0, description="source rows left out as unusable (MMEB with on_bad_row=skip)")
     n_candidates: float = Field(0.0, description="mean candidates per query")
 
 
@@ -169,8 +170,9 @@ def aggregate(datasets: dict[str, DatasetScore]) -> tuple[dict[str, float | None
     return meta, splits, overall
 
 
-def dataset_score(meta_task: str, split: str, hits: np.ndarray, trivial: np.ndarray, n_candidates: float) -> DatasetScore:
+def dataset_score(meta_task: str, split: str, hits: np.ndarray, trivial: np.ndarray, n_candidates: float,
+                  n_skipped: int = 0) -> DatasetScore:
     n = int(hits.shape[0])
     h = int(hits.sum())
     return DatasetScore(meta_task=meta_task, split=split, p_at_1=(h / n) if n else 0.0, hits=h, n=n,
-                        n_trivial=int(trivial.sum()), n_candidates=float(n_candidates))
+                        n_trivial=int(trivial.sum()), n_skipped=int(n_skipped), n_candidates=float(n_candidates))
