@@ -365,9 +365,7 @@ class CocoaModel(nn.Module):
         q = self.embed(query, mask)
         t = self.embed(target, mask)
         n = self.embed(negative, mask) if negative is not None else None
-        loss, metrics = info_nce(q, t, temperature, n, symmetric, gather)
-        metrics["loss"] = float(loss.detach())
-        return loss, metrics
+        return info_nce(q, t, temperature, n, symmetric, gather)
 
     def stage3_grad_cache_step(
         self,
@@ -389,9 +387,7 @@ class CocoaModel(nn.Module):
         def loss_fn(q: torch.Tensor, t: torch.Tensor, n: torch.Tensor | None = None):  # type: ignore[no-untyped-def]
             return info_nce(q, t, temperature, n, symmetric, gather)
 
-        loss, metrics = grad_cache_step(lambda b: self.embed(b, mask), groups, loss_fn, scale)
-        metrics["loss"] = float(loss)
-        return loss, metrics
+        return grad_cache_step(lambda b: self.embed(b, mask), groups, loss_fn, scale)
 
 
 __all__ = ["CocoaModel", "DECODER_FILE", "call_filtered", "ensure_mask_token"]

@@ -245,31 +245,36 @@ def info_nce(
     symmetric: bool = False,
     gather: bool = True,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """InfoNCE over in-batch negatives (gathered across ranks when ``gather``), optional hard negatives.
+    """InfoNCE over in-batch negatives, gathered across ranks when ``gather``, with optional hard negatives.
 
-    ``query``/``target`` are ``[n, D]`` (normalised by the caller); query ``i``'s positive is target
-    ``i`` (global index ``rank*n + i`` after gathering). ``negatives`` (``[n, D]`` or ``[n, k, D]``) are
-    appended as extra candidates for the query->target direction (all queries see all negatives).
-    ``symmetric`` adds the target->query direction (averaged). Returns ``(loss, metrics)`` with the
-    query->target top-1 accuracy.
+    ``query``/``target`` are ``[n, D]`` (normalised by the caller); query ``i``'s positive is target ``i``.
+    ``negatives`` (``[n, D]`` or ``[n, k, D]``) are appended as extra candidates for the query->target
+    direction (every query sees every negative). ``symmetric`` averages in the target->query direction.
+
+    Across ranks (torch.distributed initialised, ``gather``): queries, targets and negatives of all ranks
+    are gathered (the local part keeps its gradient, the others are constants) and every rank computes
+    the same full-batch loss over all ``world * n`` queries. The returned loss is multiplied by the world
+    size, so that DDP's gradient averaging yields exactly the full-batch gradient; ``metrics["loss"]`` is
+    the unscaled full-batch value. Metrics also hold the query->target top-1 accuracy.
     """
-    q = gather_with_grad(query) if gather else query
-    t = gather_with_grad(target) if gather else target
-    offset = torch.distributed.get_rank() * query.shape[0] if (gather and _dist_ready()) else 0
-    n = query.shape[0]
-    labels = torch.arange(offset, offset + n, device=query.device)
+    world = torch.distributed.get_world_size() if (gather and _dist_ready()) else 1
+    q = gather_with_grad(query) if world > 1 else query
+    t = gather_with_grad(target) if world > 1 else target
+    labels = torch.arange(q.shape[0], device=q.device)
     cands = t
     if negatives is not None:
         neg = negatives.reshape(-1, negatives.shape[-1])
-        neg = gather_with_grad(neg) if gather else neg
+        neg = gather_with_grad(neg) if world > 1 else neg
         cands = torch.cat([t, neg], 0)
-    logits = query.float() @ cands.float().T / temperature
+    logits = q.float() @ cands.float().T / temperature
     loss = F.cross_entropy(logits, labels)
-    acc = (logits.argmax(-1) == labels).float().mean().item()
+    with torch.no_grad():
+        acc = (logits.argmax(-1) == labels).float().mean().item()
     if symmetric:
-        logits_t = target.float() @ q.float().T / temperature
+        logits_t = t.float() @ q.float().T / temperature
         loss = 0.5 * (loss + F.cross_entropy(logits_t, labels))
-    return loss, {"acc": acc, "n_candidates": float(cands.shape[0])}
+    metrics = {"loss": float(loss.detach()), "acc": acc, "n_candidates": float(cands.shape[0])}
+    return loss * world, metrics
 
 
 class RandContext:
