@@ -189,7 +189,7 @@ def test_info_nce_cross_rank_gather_gives_full_batch_gradients():
     g = torch.Generator().manual_seed(0)
     q, t, n = (nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1) for _ in range(3))
     with tempfile.TemporaryDirectory() as d:
-        mp.start_processes(_ddp_worker, args=(2, os.path.join(d, "init"), q, t, n, d), nprocs=2, join=True, start_method="fork")
+        mp.spawn(_ddp_worker, args=(2, os.path.join(d, "init"), q, t, n, d), nprocs=2, join=True)
         res = [torch.load(os.path.join(d, f"r{r}.pt")) for r in range(2)]
     qf, tf, nf = (x.clone().requires_grad_(True) for x in (q, t, n))
     full, mf = info_nce(qf, tf, temperature=0.1, negatives=nf, symmetric=True)
