@@ -453,6 +453,10 @@ class Synthesizer:
         self.config = config
         self.ws = Workspace(config.out)
         self.lib = PromptLibrary(config.prompts)
+        if teacher is None and config.dry_run and config.backend == "auto" and config.source == "mmeb" \
+                and not vllm_available():
+            config = config.model_copy(update={"backend": "vllm"})  # preview the default teacher's keys
+            self.config = config
         self.backend = teacher.backend if teacher is not None else config.resolved_backend()
         self.model = teacher.model if teacher is not None else config.resolved_model()
         self.revision = teacher.revision if teacher is not None else config.revision
@@ -602,6 +606,7 @@ class Synthesizer:
         self._check_fingerprint(fp)
         done = self._done_keys()
         orig_done = _load_column(self.ws.original, "id") if source.write_original else set()
+        self.teacher  # load the teacher before touching any output: a teacher that cannot start changes nothing
         prov = {"writer": WRITER, "fingerprint": fp, "teacher": self.teacher_info(), "part": self.part,
                 "source": source.describe}
         self.synth_w = ShardWriter(self.ws.synthetic / "parts" / self.part, "SynthRecord", mode="append",
