@@ -11,9 +11,9 @@ import pytest
 
 from cocoa.datagen.schemas import json_schema, parse_output
 from cocoa.datagen.sources.scenes import Scene, iter_train_pairs
+from cocoa.datagen.teachers import vllm as vb
 from cocoa.datagen.teachers.base import Sampling, TeacherError, TeacherRequest, data_url
 from cocoa.datagen.teachers.scenes import ScenesTeacher
-from cocoa.datagen.teachers import vllm as vb
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
@@ -182,7 +182,7 @@ def test_vllm_offline_structured_generation(tiny_model_dir, pairs):
             for i, (p, task) in enumerate(zip(with_img, ["caption", "qa"] * 2))]
     res = t.generate(reqs)
     assert t.structured and len(res) == 4
-    for r, q in zip(res, reqs):
+    for r in res:
         assert r.completion_tokens > 0 and r.prompt_tokens > 0
         json.loads(r.text)  # structured outputs: JSON even from a random tiny model (unless truncated)
 

@@ -76,7 +76,7 @@ from ..shards import (
     read_manifest,
 )
 from .schemas import TASKS, OutputError, json_schema, parse_output, schema_hash
-from .teachers.base import Sampling, Teacher, TeacherError, TeacherRequest, TeacherResult
+from .teachers.base import Sampling, Teacher, TeacherError, TeacherRequest
 
 KEY_VERSION = "cocoa-synth/1"
 WRITER = "cocoa-data synth"
@@ -606,7 +606,7 @@ class Synthesizer:
         self._check_fingerprint(fp)
         done = self._done_keys()
         orig_done = _load_column(self.ws.original, "id") if source.write_original else set()
-        self.teacher  # load the teacher before touching any output: a teacher that cannot start changes nothing
+        self._load_teacher()  # before touching any output: a teacher that cannot start changes nothing
         prov = {"writer": WRITER, "fingerprint": fp, "teacher": self.teacher_info(), "part": self.part,
                 "source": source.describe}
         self.synth_w = ShardWriter(self.ws.synthetic / "parts" / self.part, "SynthRecord", mode="append",
@@ -659,6 +659,9 @@ class Synthesizer:
 
     def teacher_info(self) -> dict[str, str]:
         return {"backend": self.backend, "model": self.model, "revision": self.revision}
+
+    def _load_teacher(self) -> Teacher:
+        return self.teacher
 
     @property
     def teacher(self) -> Teacher:
@@ -856,7 +859,14 @@ class Synthesizer:
     # -- progress -----------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _progress(self, total: int | None) -> Iterator[Any]:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self._t_start = time.time()
         prog = Progress(
