@@ -131,17 +131,20 @@ def test_duplicate_images_make_one_request_and_unusable_records_are_quarantined(
     corrupt = PairRecord(source="Other", qry_image=ImageRef(bytes=b"\x89PNG\r\n\x1a\nnot really"), pos_text="t")
     src = tmp_path / "src"
     write_records(src, "PairRecord", good + [dup, nograph, corrupt])
-    cfg = SynthConfig(source="scenes", scenes_dir=str(src), out=str(tmp_path / "o"), tasks=["caption"], progress=False)
+    cfg = SynthConfig(source="scenes", scenes_dir=str(src), out=str(tmp_path / "o"), progress=False)
     s = run_synth(cfg)
-    assert s.pairs == 5 and s.requests == 4 and s.ok == 2 and s.quarantined == 2 and s.complete
-    q = {r.reason: r for r in open_dataset(tmp_path / "o" / "synthetic" / "quarantine")}
-    assert set(q) == {"rejected", "image_unreadable"}
+    # 4 images x (caption, qa); the duplicate adds nothing
+    assert s.pairs == 5 and s.requests == 8 and s.ok == 4 and s.quarantined == 4 and s.complete
+    rows = list(open_dataset(tmp_path / "o" / "synthetic" / "quarantine"))
+    assert Counter(r.reason for r in rows) == {"rejected": 2, "image_unreadable": 2}
+    assert {r.meta["task"] for r in rows} == {"caption", "qa"}
+    q = {r.reason: r for r in rows}
     assert "scene graph" in q["rejected"].detail and q["image_unreadable"].stage == "source"
     assert "corrupt" in q["image_unreadable"].detail or "cannot be decoded" in q["image_unreadable"].detail
     assert q["rejected"].meta["template"]["hash"] and q["rejected"].key
     # rerun: quarantined keys count as done too
     s2 = run_synth(cfg)
-    assert s2.ok == 0 and s2.quarantined == 0 and s2.skipped == 4
+    assert s2.ok == 0 and s2.quarantined == 0 and s2.skipped == 8
 
 
 def test_prompts_override_changes_keys_and_template_hash(tmp_path):

@@ -504,11 +504,11 @@ class Synthesizer:
                 except RecordError as e:
                     key = content_id(KEY_VERSION, "unreadable", pair.id, role)
                     if partition(key, cfg.num_shards) == cfg.shard_index:
-                        yield ("skip", key) if key in done else ("unreadable", (key, pair, role, str(e)))
+                        yield ("skip", key) if key in done else ("unreadable", (key, pair, role, str(e), ""))
                     continue
                 d = digest(data)
                 kind = image_kind(pair.source, pair.meta)
-                checked = False
+                todo = []
                 for task in cfg.tasks:
                     if (d, task) in seen:
                         continue
@@ -525,14 +525,17 @@ class Synthesizer:
                     if key in done:
                         yield "skip", key
                         continue
-                    if not checked:
-                        try:
-                            decode_image(data, name=f"{pair.source} record {pair.id} ({role} image)")
-                        except RecordError as e:
-                            yield "unreadable", (key, pair, role, str(e))
-                            break
-                        checked = True
-                    yield "request", Planned(key, task, kind, role, pair, data, d, tpl, prompt)
+                    todo.append(Planned(key, task, kind, role, pair, data, d, tpl, prompt))
+                if not todo:
+                    continue
+                try:  # only images this worker will send are decoded (a corrupt one would fail a whole batch)
+                    decode_image(data, name=f"{pair.source} record {pair.id} ({role} image)")
+                except RecordError as e:
+                    for p in todo:
+                        yield "unreadable", (p.key, pair, role, str(e), p.task)
+                    continue
+                for p in todo:
+                    yield "request", p
 
     @staticmethod
     def _prefetch(it: Iterator[Any], depth: int) -> Iterator[Any]:
@@ -722,8 +725,8 @@ class Synthesizer:
                 s.skipped += 1
             elif kind == "unreadable":
                 s.requests += 1
-                key, pair, role, err = item
-                self._quarantine_row(key, pair, "image_unreadable", err, "", {"role": role}, stage="source")
+                key, pair, role, err, task = item
+                self._quarantine_row(key, pair, "image_unreadable", err, "", {"role": role, "task": task}, stage="source")
             else:
                 s.requests += 1
                 work.append(item)
