@@ -29,7 +29,7 @@ def count_forwards(monkeypatch):
 def test_cache_reruns_and_added_datasets_encode_only_what_is_new(tiny_model_dir, scenes_root, tmp_path, count_forwards):
     from cocoa.eval import evaluate
 
-    kw = dict(data=scenes_root, limit=3, cache_dir=tmp_path / "cache", quiet=True, batch_size=8)
+    kw = dict(data=scenes_root, limit=3, cache_dir=tmp_path / "cache", quiet=True, batch_size=8, plot=False)
     r1 = evaluate(tiny_model_dir, "scenes", datasets=DS, out=tmp_path / "r1", **kw)
     n1 = r1.encode["unique_inputs"]
     assert r1.encode["encoded"] == n1 == count_forwards["items"] > 0
@@ -69,7 +69,7 @@ def test_interrupted_run_resumes_from_the_cache(tiny_model_dir, scenes_root, tmp
     from cocoa.train.model import CocoaModel
 
     kw = dict(data=scenes_root, datasets=["SceneI2T"], limit=3, cache_dir=tmp_path / "cache", quiet=True,
-              batch_size=4, flush_every=4, out=tmp_path / "out")
+              batch_size=4, flush_every=4, out=tmp_path / "out", plot=False)
     counted = CocoaModel.embed
 
     def dies_on_third(self, batch, *a, **k):

@@ -153,6 +153,9 @@ class EmbeddingCache:
             for i, k in enumerate(keys.tolist()):
                 self._index.setdefault(k, (ci, i))
 
+    def keys(self) -> list[str]:
+        return list(self._index)
+
     def missing(self, keys: Iterable[str]) -> list[str]:
         return [k for k in keys if k not in self._index]
 

@@ -53,6 +53,19 @@ def _image_size(image: Any) -> tuple[int, int] | None:
     return tuple(size) if isinstance(size, tuple) else None  # type: ignore[return-value]
 
 
+def estimate_length(spec: EmbeddingSpec, text: str, image: Any) -> int:
+    """Rough token count of an input (text ~3 chars/token; image tokens from its size clamped to the
+    spec's min/max pixels, 28x28 px per token), used only to batch inputs of similar length together."""
+    n = len(text) // 3 + 2
+    if image is not None:
+        size = _image_size(image)
+        lo = spec.image_min_pixels or 56 * 56
+        hi = spec.image_max_pixels or 28 * 28 * 1280
+        px = size[0] * size[1] if size else hi
+        n += int(min(max(px, lo), hi) // PATCH_PIXELS) + 2
+    return n
+
+
 def to_pil(image: Any, where: str = "image") -> Any:
     """PIL image from a PIL image, :class:`LazyImage`, :class:`ImageRef` (embedded), file path or bytes."""
     from PIL import Image
@@ -164,14 +177,7 @@ class Embedder:
 
     # -- length estimate (for sorting into batches of similar length) ---------------------------
     def estimate_length(self, text: str, image: Any) -> int:
-        n = len(text) // 3 + 2
-        if image is not None:
-            size = _image_size(image)
-            lo = self.spec.image_min_pixels or 56 * 56
-            hi = self.spec.image_max_pixels or 28 * 28 * 1280
-            px = size[0] * size[1] if size else hi
-            n += int(min(max(px, lo), hi) // PATCH_PIXELS) + 2
-        return n
+        return estimate_length(self.spec, text, image)
 
     # -- encoding ---------------------------------------------------------------------------------
     def _collate(self, items: Sequence[tuple[str, Any]], collator: Any = None) -> dict[str, Any]:

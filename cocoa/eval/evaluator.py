@@ -204,7 +204,7 @@ def evaluate(model: str | Path | Any, benchmark: str = "scenes", *, data: str | 
     ``benchmark`` (the name is then only a label).
     """
     from .. import __version__
-    from .embedder import Embedder, encode_progress, resolve_spec
+    from .embedder import Embedder, encode_progress, estimate_length, resolve_spec
 
     t0 = time.time()
     rank, world, local_rank = _dist_env()
@@ -257,13 +257,13 @@ def evaluate(model: str | Path | Any, benchmark: str = "scenes", *, data: str | 
     try:
         if missing:
             # longest first, deterministic; a strided share per rank keeps the ranks' loads balanced
-            if embedder is None:
+            lengths = {k: estimate_length(spec, *inputs.items[k]) for k in missing}
+            ordered = sorted(missing, key=lambda k: (-lengths[k], k))
+            share = ordered[rank::world]
+            if embedder is None and share:
                 embedder = Embedder.from_pretrained(model_dir, pooling=pooling, eos_token=eos_token, device=dev,
                                                     dtype=dtype)
             emb_ = embedder
-            lengths = {k: emb_.estimate_length(*inputs.items[k]) for k in missing}
-            ordered = sorted(missing, key=lambda k: (-lengths[k], k))
-            share = ordered[rank::world]
             buf_keys: list[str] = []
             buf_emb: list[np.ndarray] = []
 
@@ -283,7 +283,7 @@ def evaluate(model: str | Path | Any, benchmark: str = "scenes", *, data: str | 
             items = [inputs.items[k] for k in share]
             with encode_progress(len(share), f"encoding {len(share)} new inputs" + (f" (rank {rank})" if world > 1 else ""),
                                  console=console, disable=quiet or rank != 0) as advance:
-                if items:
+                if items and emb_ is not None:
                     emb_.encode_items(items, batch_size=batch_size, lengths=[lengths[k] for k in share],
                                       progress=advance, on_batch=on_batch)
             flush()
