@@ -189,3 +189,15 @@ def test_model_fingerprint_follows_weights_and_spec(tmp_path):
     assert model_fingerprint(m, {"pooling": "eos"})[0] == h1
     (m / "model.safetensors").write_bytes(b"w2")
     assert model_fingerprint(m, {"pooling": "eos"}, tmp_path / "cache")[0] != h1
+
+
+def test_summarize_runs_mean_std_over_seeds():
+    from cocoa.eval.scoring import summarize_runs
+
+    runs = [_result({"color": ("classification", "IND", p), "count": ("vqa", "OOD", q)})
+            for p, q in [(0.5, 0.1), (0.7, 0.3), (0.6, 0.2)]]
+    s = summarize_runs(runs)
+    assert s["color"]["mean"] == pytest.approx(0.6) and s["color"]["std"] == pytest.approx(0.1)
+    assert s["overall"]["mean"] == pytest.approx(0.4) and s["overall"]["n"] == 3
+    assert s["grounding"] == {"mean": None, "std": None, "n": 0}
+    assert summarize_runs(runs[:1])["OOD"]["std"] == 0.0

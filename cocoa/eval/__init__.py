@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["evaluate", "run", "EvalConfig", "EvalResult", "EvalSet", "Embedder", "hits_at_1", "aggregate", "load_sets"]
+__all__ = ["evaluate", "run", "EvalConfig", "EvalResult", "EvalSet", "Embedder", "hits_at_1", "aggregate", "summarize_runs",
+           "load_sets"]
 
 _WHERE = {
     "evaluate": "evaluator", "run": "evaluator", "EvalConfig": "evaluator", "EvalError": "evaluator", "load_sets": "evaluator",
-    "EvalResult": "scoring", "hits_at_1": "scoring", "aggregate": "scoring", "EvalSet": "data", "Embedder": "embedder",
+    "EvalResult": "scoring", "hits_at_1": "scoring", "aggregate": "scoring", "summarize_runs": "scoring", "EvalSet": "data", "Embedder": "embedder",
 }
 
 

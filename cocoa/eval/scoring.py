@@ -176,3 +176,21 @@ def dataset_score(meta_task: str, split: str, hits: np.ndarray, trivial: np.ndar
     h = int(hits.sum())
     return DatasetScore(meta_task=meta_task, split=split, p_at_1=(h / n) if n else 0.0, hits=h, n=n,
                         n_trivial=int(trivial.sum()), n_skipped=int(n_skipped), n_candidates=float(n_candidates))
+
+
+def summarize_runs(results: Sequence[EvalResult]) -> dict[str, dict[str, float | int | None]]:
+    """Mean and sample std (ddof=1; 0 for one run) of every :meth:`EvalResult.summary` key over several
+    runs (e.g. seeds of one ablation arm): ``{"overall": {"mean": .., "std": .., "n": ..}, "vqa": ...}``.
+    Runs where a key is ``None``/absent are left out of that key's statistics (``n`` says how many counted)."""
+    keys: list[str] = []
+    for r in results:
+        keys += [k for k in r.summary() if k not in keys]
+    out: dict[str, dict[str, float | int | None]] = {}
+    for k in keys:
+        vals = [v for r in results if (v := r.summary().get(k)) is not None]
+        if not vals:
+            out[k] = {"mean": None, "std": None, "n": 0}
+            continue
+        arr = np.asarray(vals, dtype=np.float64)
+        out[k] = {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0, "n": len(arr)}
+    return out
