@@ -82,7 +82,7 @@ def test_interrupted_run_resumes_from_the_cache(tiny_model_dir, scenes_root, tmp
         evaluate(tiny_model_dir, "scenes", **kw)
     done = count_forwards["items"]
     assert done == 8
-    chunks = list((tmp_path / "cache").rglob("chunk-*.npz"))
+    chunks = list((tmp_path / "cache").rglob("chunk-*.keys"))
     assert len(chunks) == 2 and not list((tmp_path / "cache").rglob(".*tmp*"))
     monkeypatch.setattr(CocoaModel, "embed", counted)
     count_forwards.update(batches=0, items=0)

@@ -160,11 +160,16 @@ def test_cache_store_roundtrip_and_damaged_chunk(tmp_path):
     np.testing.assert_array_equal(c2.get(keys[::-1]), emb[::-1])
     assert len(EmbeddingCache(tmp_path, "other")) == 0
     # a damaged chunk is ignored with a warning: its inputs are just encoded again
-    chunk = sorted((tmp_path / "abc").glob("chunk-*.npz"))[0]
-    chunk.write_bytes(b"garbage")
+    chunks = sorted((tmp_path / "abc").glob("chunk-*.npy"))
+    assert len(chunks) == 2 and all(c.with_suffix(".keys").is_file() for c in chunks)
+    chunks[0].write_bytes(b"garbage")
     with pytest.warns(UserWarning, match="unreadable"):
         c3 = EmbeddingCache(tmp_path, "abc")
     assert 0 < len(c3.missing(keys)) < 10
+    # a chunk whose .keys file never got written (killed between the two renames) does not exist
+    chunks[1].with_suffix(".keys").unlink()
+    with pytest.warns(UserWarning, match="unreadable"):  # chunk 0 is still garbage
+        assert len(EmbeddingCache(tmp_path, "abc")) == 0
     # no root: memory only
     c4 = EmbeddingCache(None, "abc")
     c4.put(keys[:2], emb[:2])

@@ -3,11 +3,13 @@
 Layout::
 
     CACHE/<model_hash>/model.json          what the hash covers (for humans)
-    CACHE/<model_hash>/chunk-<id>.npz      keys (input hashes, str) + emb (float32 [n, D])
+    CACHE/<model_hash>/chunk-<id>.npy      embeddings, float32 [n, D] (memory-mapped when read)
+    CACHE/<model_hash>/chunk-<id>.keys     their n input keys, one per line (written last)
     CACHE/filehash.json                    memo of big-file digests keyed by (path, size, mtime)
 
-Each chunk is written whole to a hidden temporary file and renamed (``atomic_write_bytes``), so a
-killed run leaves only complete chunks: a rerun re-encodes only what was not yet written. Several
+Each file is written whole to a hidden temporary file and renamed (``atomic_write_bytes``), the
+``.keys`` file after its ``.npy``: a chunk exists for readers only once both are complete, so a killed
+run leaves only complete chunks and a rerun re-encodes only what was not yet written. Several
 processes (torchrun ranks, concurrent runs) can add chunks to the same directory; chunk names are
 unique. A chunk that cannot be read is reported and ignored (its inputs are simply encoded again).
 
@@ -135,22 +137,23 @@ class EmbeddingCache:
         """Load chunks written since the last look (by this or another process)."""
         if self.root is None:
             return
-        for p in sorted(self.root.glob("chunk-*.npz")):
+        for p in sorted(self.root.glob("chunk-*.keys")):
             if p.name in self._seen:
                 continue
             self._seen.add(p.name)
+            npy = p.with_suffix(".npy")
             try:
-                with np.load(p, allow_pickle=False) as z:
-                    keys, emb = z["keys"], z["emb"]
-                if emb.ndim != 2 or len(keys) != emb.shape[0]:
-                    raise ValueError(f"keys {keys.shape} vs emb {emb.shape}")
+                keys = p.read_text().split()
+                emb = np.load(npy, mmap_mode="r", allow_pickle=False)
+                if emb.ndim != 2 or len(keys) != emb.shape[0] or emb.dtype != np.float32:
+                    raise ValueError(f"{len(keys)} keys for embeddings of shape {emb.shape} ({emb.dtype})")
             except Exception as e:  # a damaged chunk only costs re-encoding its inputs
-                warnings.warn(f"embedding cache chunk {p} is unreadable ({e}); ignoring it (delete it to silence this)",
-                              stacklevel=2)
+                warnings.warn(f"embedding cache chunk {npy} is unreadable ({e}); ignoring it (delete it and its .keys "
+                              "file to silence this)", stacklevel=2)
                 continue
             ci = len(self._chunks)
-            self._chunks.append(emb.astype(np.float32, copy=False))
-            for i, k in enumerate(keys.tolist()):
+            self._chunks.append(emb)
+            for i, k in enumerate(keys):
                 self._index.setdefault(k, (ci, i))
 
     def keys(self) -> list[str]:
@@ -164,7 +167,7 @@ class EmbeddingCache:
         if not keys:
             dim = self._chunks[0].shape[1] if self._chunks else 0
             return np.zeros((0, dim), dtype=np.float32)
-        return np.stack([self._chunks[c][i] for c, i in (self._index[k] for k in keys)])
+        return np.stack([self._chunks[c][i] for c, i in (self._index[k] for k in keys)]).astype(np.float32, copy=False)
 
     def put(self, keys: Sequence[str], emb: np.ndarray, persist: bool = True) -> None:
         """Add embeddings (memory always; disk as one atomic chunk when the cache has a root and ``persist``)."""
@@ -177,10 +180,11 @@ class EmbeddingCache:
             from ..shards import atomic_write_bytes
 
             buf = io.BytesIO()
-            np.savez(buf, keys=np.asarray(list(keys), dtype=np.str_), emb=emb)
-            name = f"chunk-{uuid.uuid4().hex}.npz"
-            atomic_write_bytes(self.root / name, buf.getvalue())
-            self._seen.add(name)
+            np.save(buf, np.ascontiguousarray(emb), allow_pickle=False)
+            name = f"chunk-{uuid.uuid4().hex}"
+            atomic_write_bytes(self.root / f"{name}.npy", buf.getvalue())
+            atomic_write_bytes(self.root / f"{name}.keys", ("\n".join(keys) + "\n").encode())  # last: commits it
+            self._seen.add(f"{name}.keys")
         ci = len(self._chunks)
         self._chunks.append(emb)
         for i, k in enumerate(keys):

@@ -109,7 +109,7 @@ class _Inputs:
                 return known
             mkey: Any = ("r", id(s.read_image), ref.path)
         elif ref.bytes is not None:
-            mkey = ("b", ref.path, len(ref.bytes), hash(ref.bytes))
+            return digest(ref.bytes), image_header_size(ref.bytes)
         else:
             mkey = ("p", str(ref.resolve(s.root)))
         hit = self._img.get(mkey)

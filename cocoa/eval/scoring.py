@@ -43,7 +43,7 @@ def pad_candidates(cand_index: Sequence[Sequence[int]]) -> np.ndarray:
 
 
 def hits_at_1(query_emb: np.ndarray, cand_emb: np.ndarray, cand_index: Sequence[Sequence[int]] | np.ndarray,
-              *, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+              *, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Which queries rank their positive first.
 
     ``query_emb`` ``[N, D]`` and ``cand_emb`` ``[M, D]`` are L2-normalised; ``cand_index[n]`` lists the
