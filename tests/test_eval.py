@@ -62,6 +62,12 @@ def test_cache_reruns_and_added_datasets_encode_only_what_is_new(tiny_model_dir,
     # so does a pooling override (it is part of the hash)
     r5 = evaluate(tiny_model_dir, "scenes", datasets=DS[:1], out=tmp_path / "r5", pooling="mean", **kw)
     assert r5.model_hash not in (r1.model_hash, r4.model_hash) and r5.encode["cached"] == 0
+    # a loaded Embedder is the same model as its directory: same hash, all cached
+    from cocoa import Embedder
+
+    count_forwards.update(batches=0, items=0)
+    r6 = evaluate(Embedder.from_pretrained(tiny_model_dir, device="cpu"), "scenes", datasets=DS, out=tmp_path / "r6", **kw)
+    assert r6.model_hash == r1.model_hash and r6.encode["encoded"] == 0 == count_forwards["batches"]
 
 
 def test_interrupted_run_resumes_from_the_cache(tiny_model_dir, scenes_root, tmp_path, count_forwards, monkeypatch):

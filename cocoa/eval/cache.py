@@ -66,6 +66,15 @@ def _file_digest(path: Path, memo: dict[str, Any] | None) -> str:
     return d
 
 
+# the cocoa.json fields that change an embedding (ids follow from the hashed tokenizer; stages, base_model
+# and extra are provenance)
+SPEC_KEYS = ("arch", "pooling", "eos_token", "attention", "normalize", "image_min_pixels", "image_max_pixels", "max_length")
+
+
+def spec_key(spec: dict[str, Any]) -> dict[str, Any]:
+    return {k: spec.get(k) for k in SPEC_KEYS}
+
+
 def model_fingerprint(model_dir: str | Path, spec: dict[str, Any], cache_dir: str | Path | None = None) -> tuple[str, dict[str, Any]]:
     """``(hash, what_it_covers)`` for a model directory and its effective embedding spec.
 
@@ -90,7 +99,7 @@ def model_fingerprint(model_dir: str | Path, spec: dict[str, Any], cache_dir: st
         from ..records import RecordError
 
         raise RecordError(f"{model_dir} holds no weights file (*.safetensors / *.bin); point --model at a saved model directory")
-    covered = {"version": CACHE_VERSION, "files": files, "spec": spec}
+    covered = {"version": CACHE_VERSION, "files": files, "spec": spec_key(spec)}
     if memo_path is not None and memo != before:
         from ..shards import atomic_write_json
 
