@@ -2,10 +2,11 @@
 
 Exact: an xxh3-64 digest of the normalised text (stable across versions, unlike Polars' ``hash``).
 
-Near: MinHash signatures from ``rensa`` over word shingles, LSH banding in ``rensa``'s index to find
-the rows that have any candidate at all (usually a small share), then, for those rows only,
-candidate pairs per band, verification by the signatures' estimated Jaccard, and connected
-components (scipy). One row per component is kept: the earliest in input order.
+Near: MinHash sketches from ``rensa`` over word shingles, one sketch per LSH band; per band, rensa's
+LSH flags the rows that collide with another row (usually a small share) and only those rows' band
+values leave Rust to form candidate pairs; pairs are verified by the exact Jaccard of their shingle
+sets and linked into connected components (scipy). One row per component is kept: the earliest in
+input order.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from .text import ngrams
 
 
 def text_digests(texts: list[str | None]) -> np.ndarray:
-    """Stable uint64 digests (xxh3-64) of strings; None hashes as ''."""
-    return np.fromiter((xxhash.xxh3_64_intdigest((t or "").encode()) for t in texts), dtype=np.uint64, count=len(texts))
+    """Stable uint64 digests (xxh3-64 of UTF-8) of strings; None hashes as ''."""
+    h = xxhash.xxh3_64_intdigest
+    return np.fromiter((h(t.encode()) if t else 0 for t in texts), dtype=np.uint64, count=len(texts))
 
 
 def first_of_groups(keys: np.ndarray) -> np.ndarray:
@@ -38,11 +40,28 @@ def first_of_groups(keys: np.ndarray) -> np.ndarray:
     return out
 
 
+def first_of_groups_cols(*cols: np.ndarray) -> np.ndarray:
+    """Like :func:`first_of_groups` for a key made of several columns (exact comparison, no hashing)."""
+    n = len(cols[0]) if cols else 0
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    order = np.lexsort(tuple(reversed(cols)))  # stable: equal keys keep input order
+    start = np.zeros(n, dtype=bool)
+    start[0] = True
+    for c in cols:
+        sc = c[order]
+        start[1:] |= sc[1:] != sc[:-1]
+    grp = np.cumsum(start) - 1
+    out = np.empty(n, dtype=np.int64)
+    out[order] = order[start][grp]
+    return out
+
+
 @dataclass
 class NearDupResult:
     rep: np.ndarray  # for each row, the row kept for its cluster (itself when kept)
-    similarity: np.ndarray  # estimated Jaccard to a linked neighbour (0 for singletons)
-    candidates: int  # rows with any LSH candidate
+    similarity: np.ndarray  # best exact Jaccard to a linked neighbour (0 for singletons)
+    candidates: int  # rows whose band collides with another row in some band
     pairs_checked: int
     pairs_linked: int
 
@@ -74,12 +93,15 @@ def near_duplicates(
     threshold: float = 0.7,
     seed: int = 0,
     max_bucket_pairs: int = 64,
-    chunk: int = 200_000,
 ) -> NearDupResult:
-    """Cluster rows whose word-shingle sets have estimated Jaccard >= ``threshold``.
+    """Cluster rows whose word-shingle sets have Jaccard >= ``threshold``.
 
     ``flat_words``/``offsets``: word hashes per row (see :func:`cocoa.curation.text.word_hashes`).
-    Rows with no words are never duplicates here (the length rules handle them).
+    The ``num_perm`` MinHash permutations are drawn as ``bands`` independent rensa sketches of
+    ``num_perm / bands`` permutations each (one per band). For each band, rensa's LSH flags the rows
+    whose band collides with another row's (one Rust pass, no per-row Python); only those rows' band
+    values are exported to group them into candidate pairs. Pairs are verified with the exact Jaccard
+    of their shingle sets, then linked into connected components. Rows with no words never match.
     """
     import polars as pl
     import rensa
@@ -97,75 +119,121 @@ def near_duplicates(
         return NearDupResult(rep, sim, 0, 0, 0)
     sh, soff = _subset(sh, soff, nonempty)
     m = len(nonempty)
-
-    # 1) rensa LSH: which rows share any band with another row
-    lsh = rensa.RMinHashLSH(threshold, num_perm, bands)
-    mats = []
-    for s in range(0, m, chunk):
-        e = min(m, s + chunk)
-        f, o = _subset(sh, soff, np.arange(s, e))
-        mat = _signatures(f, o, num_perm, seed)
-        lsh.insert_matrix(mat, s)
-        mats.append(mat)
-    flags = np.concatenate([np.asarray(lsh.query_duplicate_flags_matrix(mat), dtype=bool) for mat in mats])
-    del mats, lsh
-    cand = np.flatnonzero(flags)
-    if len(cand) < 2:
-        return NearDupResult(rep, sim, int(len(cand)), 0, 0)
-
-    # 2) signatures of the candidate rows only, as a numpy matrix
-    parts = []
-    for s in range(0, len(cand), 50_000):
-        f, o = _subset(sh, soff, cand[s:s + 50_000])
-        parts.append(np.asarray(_signatures(f, o, num_perm, seed).to_rows(), dtype=np.uint32))
-    sig = np.concatenate(parts)
-    del parts
-
-    # 3) candidate pairs per band (all pairs in small buckets, a star in big ones)
     r = num_perm // bands
-    pairs = []
-    with np.errstate(over="ignore"):
-        for b in range(bands):
-            block = sig[:, b * r:(b + 1) * r].astype(np.uint64)
-            key = np.zeros(len(cand), dtype=np.uint64)
-            for j in range(r):
-                key = (key * np.uint64(0x100000001B3)) ^ block[:, j]
-                key ^= key >> np.uint64(31)
-            df = pl.DataFrame({"k": key, "i": np.arange(len(cand), dtype=np.int64)})
-            sizes = df.group_by("k").agg(pl.len().alias("n"), pl.col("i").min().alias("first"))
-            df = df.join(sizes.filter(pl.col("n") > 1), on="k")
-            if df.height == 0:
-                continue
-            small = df.filter(pl.col("n") <= max_bucket_pairs).select("k", "i")
-            if small.height:
-                pp = small.join(small, on="k", suffix="_b").filter(pl.col("i") < pl.col("i_b"))
-                pairs.append(np.stack([pp["i"].to_numpy(), pp["i_b"].to_numpy()], axis=1))
-            big = df.filter(pl.col("n") > max_bucket_pairs).filter(pl.col("i") != pl.col("first"))
-            if big.height:
-                pairs.append(np.stack([big["first"].to_numpy(), big["i"].to_numpy()], axis=1))
-    if not pairs:
-        return NearDupResult(rep, sim, int(len(cand)), 0, 0)
-    allp = np.unique(np.concatenate(pairs), axis=0)
 
-    # 4) verify with the signatures' estimated Jaccard
-    est = np.empty(len(allp), dtype=np.float32)
-    for s in range(0, len(allp), 200_000):
-        a, b = allp[s:s + 200_000, 0], allp[s:s + 200_000, 1]
-        est[s:s + 200_000] = (sig[a] == sig[b]).mean(axis=1)
-    ok = est >= threshold
+    # 1) candidate pairs, band by band
+    pairs = []
+    flagged = np.zeros(m, dtype=bool)
+    for b in range(bands):
+        bseed = seed * 1_000_003 + b
+        mat = _signatures(sh, soff, r, bseed)
+        flags = np.asarray(rensa.RMinHashLSH(threshold, r, 1).query_duplicate_flags_matrix_one_shot(mat), dtype=bool)
+        del mat
+        rows = np.flatnonzero(flags)
+        if len(rows) < 2:
+            continue
+        flagged[rows] = True
+        f, o = _subset(sh, soff, rows)
+        vals = np.asarray(_signatures(f, o, r, bseed).to_rows(), dtype=np.uint64)
+        key = np.zeros(len(rows), dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for j in range(r):
+                key = (key * np.uint64(0x100000001B3)) ^ vals[:, j]
+                key ^= key >> np.uint64(29)
+        pairs.append(bucket_pairs(key, rows.astype(np.int64), max_bucket_pairs))
+    n_flagged = int(flagged.sum())
+    if not pairs:
+        return NearDupResult(rep, sim, n_flagged, 0, 0)
+    cat = np.concatenate(pairs)
+    flat_key = np.unique(cat[:, 0] * np.int64(m) + cat[:, 1])
+    allp = np.stack([flat_key // m, flat_key % m], axis=1)
+
+    # 2) verify with the exact Jaccard of the shingle sets
+    jac = pair_jaccard(sh, soff, allp)
+    ok = jac >= threshold
     linked = allp[ok]
     if len(linked) == 0:
-        return NearDupResult(rep, sim, int(len(cand)), int(len(allp)), 0)
+        return NearDupResult(rep, sim, n_flagged, int(len(allp)), 0)
 
-    # 5) connected components; keep the earliest row of each
-    k = len(cand)
-    g = coo_matrix((np.ones(len(linked), dtype=np.int8), (linked[:, 0], linked[:, 1])), shape=(k, k))
+    # 3) connected components; keep the earliest row of each
+    g = coo_matrix((np.ones(len(linked), dtype=np.int8), (linked[:, 0], linked[:, 1])), shape=(m, m))
     _, labels = connected_components(g, directed=False)
-    firsts = first_of_groups(labels.astype(np.int64))  # cand is ascending: first = earliest row
-    rows = nonempty[cand]
-    rep[rows] = rows[firsts]
-    best = np.zeros(k, dtype=np.float32)
-    np.maximum.at(best, linked[:, 0], est[ok])
-    np.maximum.at(best, linked[:, 1], est[ok])
-    sim[rows] = best
-    return NearDupResult(rep, sim, int(len(cand)), int(len(allp)), int(len(linked)))
+    firsts = first_of_groups(labels.astype(np.int64))  # positions ascend with input order
+    rep[nonempty] = nonempty[firsts]
+    best = np.zeros(m, dtype=np.float32)
+    np.maximum.at(best, linked[:, 0], jac[ok])
+    np.maximum.at(best, linked[:, 1], jac[ok])
+    sim[nonempty] = best
+    return NearDupResult(rep, sim, n_flagged, int(len(allp)), int(len(linked)))
+
+
+def bucket_pairs(key: np.ndarray, ids: np.ndarray, max_bucket_pairs: int) -> np.ndarray:
+    """Pairs of ``ids`` sharing a ``key``: all pairs in buckets up to ``max_bucket_pairs`` rows,
+    a star around the smallest id in larger ones (bounded work on huge buckets)."""
+    order = np.lexsort((ids, key))
+    k, i = key[order], ids[order]
+    start = np.ones(len(k), dtype=bool)
+    start[1:] = k[1:] != k[:-1]
+    bstart = np.flatnonzero(start)
+    sizes = np.diff(np.append(bstart, len(k)))
+    out = []
+    # pairs at distance d inside each bucket, for d = 1 .. max bucket size - 1 (all pairs)
+    small = sizes <= max_bucket_pairs
+    grp = np.repeat(np.arange(len(bstart)), sizes)
+    pos = np.arange(len(k)) - bstart[grp]
+    in_small = small[grp]
+    for d in range(1, int(sizes[small].max()) if small.any() else 1):
+        j = np.flatnonzero(in_small[d:] & (pos[d:] >= d)) + d
+        if len(j) == 0:
+            break
+        out.append(np.stack([i[j - d], i[j]], axis=1))
+    big = ~in_small & (pos > 0)
+    if big.any():
+        first = i[bstart[grp]]
+        out.append(np.stack([first[big], i[big]], axis=1))
+    return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.int64)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(33))) * np.uint64(0xFF51AFD7ED558CCD)
+        return x ^ (x >> np.uint64(33))
+
+
+def _uniq(x: np.ndarray) -> np.ndarray:
+    x = np.sort(x)
+    keep = np.ones(len(x), dtype=bool)
+    keep[1:] = x[1:] != x[:-1]
+    return x[keep]
+
+
+def _uniq_index(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    keep = np.ones(len(xs), dtype=bool)
+    keep[1:] = xs[1:] != xs[:-1]
+    return xs[keep], order[keep]
+
+
+def pair_jaccard(flat: np.ndarray, offsets: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """Exact Jaccard of the hash sets of rows ``pairs[:, 0]`` and ``pairs[:, 1]`` (numpy, no Python loop)."""
+    if len(pairs) == 0:
+        return np.zeros(0, dtype=np.float32)
+    salt = np.uint64(0x9E3779B97F4A7C15)
+    p = np.arange(len(pairs), dtype=np.int64)
+
+    def side(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One key per distinct (pair, element) of this side, and the pair of each key."""
+        f, o = _subset(flat, offsets, rows)
+        owner = np.repeat(p, np.diff(o))
+        keys, idx = _uniq_index(f ^ _mix(owner.astype(np.uint64) + salt))
+        return keys, owner[idx]
+
+    ka, pa_ = side(pairs[:, 0])
+    kb, pb_ = side(pairs[:, 1])
+    both = np.sort(np.concatenate([ka, kb]))
+    shared = both[1:][both[1:] == both[:-1]]  # keys on both sides (unique within each side)
+    inter = np.bincount(pa_[np.isin(ka, shared, assume_unique=True)], minlength=len(pairs)).astype(np.float64)
+    na = np.bincount(pa_, minlength=len(pairs))
+    nb = np.bincount(pb_, minlength=len(pairs))
+    return (inter / np.maximum(na + nb - inter, 1)).astype(np.float32)

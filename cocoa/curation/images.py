@@ -9,8 +9,9 @@ disjoint bit chunks, so candidates come from exact joins on chunks, then are ver
 from __future__ import annotations
 
 import io
+import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +39,12 @@ def image_key(ref: dict | None) -> str | None:
     return None if p is None else "path:" + p
 
 
-def analyse_image(data: bytes, max_pixels: int, name: str = "<image>") -> ImageInfo:
-    """Decode (bomb-guarded) and hash one image."""
-    import imagehash
+_N = 32  # imagehash.phash: hash_size 8 x highfreq_factor 4
+_DCT8 = 2.0 * np.cos(np.pi * np.arange(8)[:, None] * (2 * np.arange(_N) + 1) / (2 * _N))  # rows 0..7 of DCT-II
+
+
+def _prepare(data: bytes, max_pixels: int, name: str) -> tuple[ImageInfo, np.ndarray | None]:
+    """Decode one image (bomb-guarded) to imagehash's 32x32 grayscale input."""
     from PIL import Image
 
     try:
@@ -48,16 +52,43 @@ def analyse_image(data: bytes, max_pixels: int, name: str = "<image>") -> ImageI
             w, h = im.size
             if w * h > max_pixels:
                 # not decoded: too large is a rule, not an error; pHash stays 0 and is never compared
-                return ImageInfo(ok=True, width=w, height=h, phash=0)
-            im.load()
-            rgb = im.convert("RGB")
+                return ImageInfo(ok=True, width=w, height=h, phash=0), None
+            im.draft("L", (2 * _N, 2 * _N))  # JPEG: decode at a reduced scale (no effect on PNG)
+            small = im.convert("L").resize((_N, _N), Image.Resampling.LANCZOS)
+            return ImageInfo(ok=True, width=w, height=h), np.asarray(small, dtype=np.float64)
     except Exception as e:  # PIL raises many types for corrupt data (and DecompressionBombError)
         msg = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the data", str(e))  # no memory addresses: stable output
-        return ImageInfo(ok=False, error=f"image {name} cannot be decoded ({type(e).__name__}: {msg})")
-    ph = imagehash.phash(rgb)
-    bits = ph.hash.flatten()
-    val = int(np.packbits(bits.astype(np.uint8)).view(">u8")[0])
-    return ImageInfo(ok=True, width=w, height=h, phash=val)
+        return ImageInfo(ok=False, error=f"image {name} cannot be decoded ({type(e).__name__}: {msg})"), None
+
+
+def phash_batch(pixels: np.ndarray) -> np.ndarray:
+    """imagehash.phash of many 32x32 grayscale arrays at once -> uint64 (bit i = hash.flatten()[i], MSB first)."""
+    if len(pixels) == 0:
+        return np.zeros(0, dtype=np.uint64)
+    low = np.einsum("ij,njk,lk->nil", _DCT8, pixels, _DCT8)  # DCT-II along both axes, 8x8 low frequencies
+    flat = low.reshape(len(pixels), 64)
+    bits = flat > np.median(flat, axis=1, keepdims=True)
+    return np.packbits(bits, axis=1).view(">u8")[:, 0].astype(np.uint64)
+
+
+def analyse_images(items: list[tuple[bytes, str]], max_pixels: int) -> list[ImageInfo]:
+    """Decode, measure and pHash images (the pHash is computed for the whole batch in numpy)."""
+    infos, pix, where = [], [], []
+    for data, name in items:
+        info, arr = _prepare(data, max_pixels, name)
+        infos.append(info)
+        if arr is not None:
+            pix.append(arr)
+            where.append(len(infos) - 1)
+    if pix:
+        for i, h in zip(where, phash_batch(np.stack(pix)).tolist()):
+            infos[i].phash = h if h else 1  # 0 means "no hash"; an all-zero pHash is practically impossible
+    return infos
+
+
+def analyse_image(data: bytes, max_pixels: int, name: str = "<image>") -> ImageInfo:
+    """Decode (bomb-guarded) and pHash one image."""
+    return analyse_images([(data, name)], max_pixels)[0]
 
 
 def read_ref_bytes(ref: dict, root: Path | None) -> tuple[bytes | None, str]:
@@ -72,12 +103,19 @@ def read_ref_bytes(ref: dict, root: Path | None) -> tuple[bytes | None, str]:
         return None, str(e)
 
 
-@dataclass
 class ImageTable:
-    """Features per distinct image key, filled incrementally (each key analysed once)."""
+    """Features per distinct image key; each key is analysed once, in batches (in worker processes when
+    there are many images and more than one CPU)."""
 
-    max_pixels: int
-    infos: dict[str, ImageInfo] = field(default_factory=dict)
+    def __init__(self, max_pixels: int, workers: int | None = None, batch: int = 256) -> None:
+        self.max_pixels = max_pixels
+        self.infos: dict[str, ImageInfo] = {}
+        self.batch = batch
+        self.workers = workers if workers is not None else min(4, len(os.sched_getaffinity(0)))
+        self._pending: list[tuple[str, bytes, str]] = []
+        self._futures: list = []
+        self._pool = None
+        self.seen = 0
 
     def add(self, key: str, ref: dict, root: Path | None) -> None:
         if key in self.infos:
@@ -85,12 +123,49 @@ class ImageTable:
         data, err = read_ref_bytes(ref, root)
         if data is None:
             self.infos[key] = ImageInfo(ok=False, error=err)
+            return
+        self.infos[key] = ImageInfo(ok=True)  # placeholder, filled when its batch is analysed
+        self._pending.append((key, data, ref.get("path") or key[:16]))
+        if len(self._pending) >= self.batch:
+            self._submit()
+
+    def _submit(self) -> None:
+        items, self._pending = self._pending, []
+        if not items:
+            return
+        keys = [k for k, _, _ in items]
+        work = [(d, n) for _, d, n in items]
+        self.seen += len(items)
+        if self.workers > 1 and self.seen > 4 * self.batch:
+            if self._pool is None:
+                import multiprocessing as mp
+                from concurrent.futures import ProcessPoolExecutor
+
+                self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("forkserver"))
+            self._futures.append((keys, self._pool.submit(analyse_images, work, self.max_pixels)))
+            while len(self._futures) > 2 * self.workers:
+                self._collect_one()
         else:
-            self.infos[key] = analyse_image(data, self.max_pixels, name=ref.get("path") or key[:16])
+            for k, info in zip(keys, analyse_images(work, self.max_pixels)):
+                self.infos[k] = info
+
+    def _collect_one(self) -> None:
+        keys, fut = self._futures.pop(0)
+        for k, info in zip(keys, fut.result()):
+            self.infos[k] = info
+
+    def finish(self) -> None:
+        self._submit()
+        while self._futures:
+            self._collect_one()
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     def frame(self):  # type: ignore[no-untyped-def]
         import polars as pl
 
+        self.finish()
         keys = list(self.infos)
         inf = [self.infos[k] for k in keys]
         return pl.DataFrame(

@@ -22,21 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import xxhash
 
 from ..records import RecordError, canonical_json, content_id, digest, from_row, payload_json, schema_for
 from ..shards import MANIFEST, ShardDataset, ShardError, ShardWriter, Workspace, atomic_write_json, open_dataset
 from .config import CurationConfig
-from .dedup import first_of_groups, near_duplicates, text_digests
+from .dedup import first_of_groups_cols, near_duplicates, text_digests
 from .images import ImageTable, image_key, phash_clusters
-from .text import (
-    WORD_RE,
-    combined_pattern,
-    longest_repeat,
-    normalize_expr,
-    repeated_share,
-    word_count_expr,
-    word_hashes,
-)
+from .text import WORD_RE, combined_pattern, longest_repeat, normalize_series, repeated_share, word_hashes
 
 REASON = "_reason"
 DETAIL = "_detail"
@@ -198,25 +191,24 @@ def _img_rule(which: str):  # type: ignore[no-untyped-def]
 
 
 def _exact_image(ctx: Context, alive: np.ndarray) -> dict[int, str]:
-    df = ctx.df[alive.tolist()]
-    key = text_digests([f"{i}\x00{k}\x00{t.lower()}" for i, k, t in
-                        zip(df["_img"].to_list(), df["kind"].to_list(), df["text"].to_list())])
-    first = first_of_groups(key)
-    ids = df["id"].to_list()
-    return {int(alive[j]): f"same text as {ids[f]} for the same image" for j, f in enumerate(first) if f != j}
+    df = ctx.df.select("_img_id", "kind", "_tdig", "id")[alive]
+    first = first_of_groups_cols(df["_img_id"].to_numpy(), (df["kind"] == "qa").to_numpy(), df["_tdig"].to_numpy())
+    dup = np.flatnonzero(first != np.arange(len(first)))
+    ids = df["id"].gather(first[dup]).to_list()
+    return {int(alive[j]): f"same text as {i} for the same image" for j, i in zip(dup, ids)}
 
 
 def _exact_global(ctx: Context, alive: np.ndarray) -> dict[int, str]:
-    kinds = set(ctx.cfg.exact.global_kinds)
     kind_col = ctx.df["kind"].to_numpy()
-    sel = alive[np.isin(kind_col[alive], list(kinds))]
+    sel = alive[np.isin(kind_col[alive], list(set(ctx.cfg.exact.global_kinds)))]
     if len(sel) < 2:
         return {}
-    df = ctx.df[sel.tolist()]
-    key = text_digests([f"{k}\x00{t.lower()}" for k, t in zip(df["kind"].to_list(), df["text"].to_list())])
-    first = first_of_groups(key)
-    ids, par = df["id"].to_list(), df["parent_id"].to_list()
-    return {int(sel[j]): f"same text as {ids[f]} (image of {par[f]})" for j, f in enumerate(first) if f != j}
+    df = ctx.df.select("kind", "_tdig", "id", "parent_id")[sel]
+    first = first_of_groups_cols((df["kind"] == "qa").to_numpy(), df["_tdig"].to_numpy())
+    dup = np.flatnonzero(first != np.arange(len(first)))
+    ids = df["id"].gather(first[dup]).to_list()
+    par = df["parent_id"].gather(first[dup]).to_list()
+    return {int(sel[j]): f"same text as {i} (image of {p})" for j, i, p in zip(dup, ids, par)}
 
 
 def _near(ctx: Context, alive: np.ndarray) -> dict[int, str]:
@@ -236,13 +228,13 @@ def _near(ctx: Context, alive: np.ndarray) -> dict[int, str]:
     out = {}
     for j in np.flatnonzero(res.rep != np.arange(len(sel))):
         keep = int(sel[res.rep[j]])
-        out[int(sel[j])] = f"near-duplicate of {ids[keep]} (estimated Jaccard {res.similarity[j]:.2f} within its cluster)"
+        out[int(sel[j])] = f"near-duplicate of {ids[keep]} (shingle Jaccard {res.similarity[j]:.2f} with a row of its cluster)"
     return out
 
 
 def _image_near(ctx: Context, alive: np.ndarray) -> dict[int, str]:
     pl = _pl()
-    sub = ctx.df[alive.tolist()].select("_img", "img_phash", "parent_id").with_row_index("_j")
+    sub = ctx.df[alive].select("_img", "img_phash", "parent_id").with_row_index("_j")
     imgs = sub.unique("_img", keep="first", maintain_order=True).filter(pl.col("img_phash") != 0)
     if imgs.height < 2:
         return {}
@@ -264,7 +256,7 @@ def _decontam_image(ctx: Context, alive: np.ndarray) -> dict[int, str]:
     from .decontam import image_matches
 
     pl = _pl()
-    sub = ctx.df[alive.tolist()].select("_img", "img_phash")
+    sub = ctx.df[alive].select("_img", "img_phash")
     imgs = sub.unique("_img", keep="first", maintain_order=True)
     hits = image_matches(ctx.eval_index, imgs["img_phash"].to_numpy(), ctx.cfg.decontam.image_distance)
     if not hits:
@@ -326,75 +318,102 @@ RULES = [s.name for s in STEPS]
 # features
 # ---------------------------------------------------------------------------------------------
 def load_frame(ds: ShardDataset, cfg: CurationConfig, progress: Any = None):  # type: ignore[no-untyped-def]
-    """One row per synthetic record: ids, normalised text fields, word counts, image key + features."""
+    """One row per synthetic record: ids, normalised text fields, image key + image features."""
     pl = _pl()
     cols = ["id", "parent_id", "source", "kind", "caption", "question", "answer", "key"]
-    lf = ds.scan().select(cols).with_row_index("_row")
+    df = ds.scan().select(cols).with_row_index("_row").collect()
     if cfg.text.normalize:
-        lf = lf.with_columns(normalize_expr(c) for c in ("caption", "question", "answer"))
-    lf = lf.with_columns(
+        df = df.with_columns(normalize_series(df[c]).alias(c) for c in ("caption", "question", "answer"))
+    df = df.with_columns(
         text=pl.when(pl.col("kind") == "qa")
         .then(pl.concat_str([pl.col("question").fill_null(""), pl.col("answer").fill_null("")], separator=" "))
         .otherwise(pl.col("caption").fill_null("")),
-        cap_words=word_count_expr("caption"),
-        q_words=word_count_expr("question"),
-        a_words=word_count_expr("answer"),
     )
-    df = lf.collect()
 
-    # image keys (content digest) and features, once per distinct image
+    # image keys (content digest) and features, once per distinct image: per shard, Arrow finds the
+    # distinct byte strings (hash-based, in C++) and only those are digested and analysed
+    import pyarrow.compute as pc
+
     table = ImageTable(max_pixels=cfg.image.max_pixels)
-    keys: list[str] = []
+    key_ids: dict[str, int] = {}
+    keys_l: list[np.ndarray] = []
+    ids_l: list[np.ndarray] = []
     task = progress.add_task("images", total=len(ds)) if progress else None
-    for _, _, batch in ds.iter_batches(columns=["image"]):
-        col = batch.column(0)
-        bs = col.field("bytes").to_pylist()
-        ps = col.field("path").to_pylist()
-        for b, p in zip(bs, ps):
-            if b is not None:
-                k = digest(b)
-            else:
+    for f in ds.files:
+        col = ds._open(f).read_all().column("image")
+        raw = pc.struct_field(col, "bytes")
+        paths = pc.struct_field(col, "path")
+        uniq = pc.unique(raw)
+        idx = pc.index_in(raw, value_set=uniq, skip_nulls=True).to_numpy(zero_copy_only=False)
+        ukeys = []
+        for b in uniq.to_pylist():
+            if b is None:
+                ukeys.append(None)
+                continue
+            k = xxhash.xxh3_128_hexdigest(b)
+            if k not in key_ids:
+                key_ids[k] = len(key_ids)
+                table.add(k, {"bytes": b, "path": None}, ds.path)
+            ukeys.append(k)
+        row_keys = np.array(ukeys + [None], dtype=object)[np.nan_to_num(idx, nan=len(ukeys)).astype(np.int64)]
+        if raw.null_count:
+            for j in np.flatnonzero(pd_isnull(row_keys)):
+                p = paths[int(j)].as_py()
                 k = "path:" + (p or "")
-            if k not in table.infos:
-                table.add(k, {"bytes": b, "path": p}, ds.path)
-            keys.append(k)
+                if k not in key_ids:
+                    key_ids[k] = len(key_ids)
+                    table.add(k, {"bytes": None, "path": p}, ds.path)
+                row_keys[j] = k
+        keys_l.append(row_keys)
+        ids_l.append(np.fromiter((key_ids[k] for k in row_keys), dtype=np.int64, count=len(row_keys)))
         if progress:
-            progress.advance(task, batch.num_rows)
-    df = df.with_columns(pl.Series("_img", keys, dtype=pl.String))
+            progress.advance(task, len(row_keys))
+    keys = np.concatenate(keys_l) if keys_l else np.zeros(0, dtype=object)
+    df = df.with_columns(pl.Series("_img", keys.tolist(), dtype=pl.String),
+                         pl.Series("_img_id", np.concatenate(ids_l) if ids_l else np.zeros(0, dtype=np.int64)))
     df = df.join(table.frame(), on="_img", how="left", maintain_order="left")
     return df, len(table.infos)
 
 
 def text_features(df, cfg: CurationConfig, progress: Any = None):  # type: ignore[no-untyped-def]
-    """Word hashes of ``text`` (flat + offsets) and the repetition features, in batches."""
+    """Word hashes of ``text`` (flat + offsets), word counts per field and the repetition features."""
     pl = _pl()
     flats, lens = [], []
-    share_l, count_l, run_l = [], [], []
+    share_l, count_l, run_l, a_l = [], [], [], []
     n = df.height
     task = progress.add_task("text features", total=n) if progress else None
     for s in range(0, max(n, 1), cfg.batch_rows):
-        part = df["text"].slice(s, cfg.batch_rows)
-        f, o = word_hashes(part)
+        part = df.slice(s, cfg.batch_rows)
+        f, o = word_hashes(part["text"])
         flats.append(f)
-        lens.append(np.diff(o))
+        n_all = np.diff(o)
+        lens.append(n_all)
+        is_qa = (part["kind"] == "qa").to_numpy()
+        a_w = np.diff(word_hashes(part["answer"])[1]) if is_qa.any() else np.zeros(part.height, dtype=np.int64)
+        a_w = np.where(is_qa, np.minimum(a_w, n_all), 0)
+        a_l.append(a_w)
         # repetition is judged on the caption, or on the answer of a QA row: the answer's words are the
         # last ``a_words`` words of ``text`` (= question + " " + answer)
-        n_all = np.diff(o)
-        a_w = df["a_words"].slice(s, cfg.batch_rows).to_numpy()
-        is_qa = (df["kind"].slice(s, cfg.batch_rows) == "qa").to_numpy()
-        n_rep = np.where(is_qa, np.minimum(a_w, n_all), n_all)
+        n_rep = np.where(is_qa, a_w, n_all)
         rf, ro = tail_words(f, o, n_rep)
         sh, cnt = repeated_share(rf, ro, cfg.repetition.ngram)
         share_l.append(sh)
         count_l.append(cnt)
         run_l.append(longest_repeat(rf, ro))
         if progress:
-            progress.advance(task, len(part))
+            progress.advance(task, part.height)
     flat = np.concatenate(flats) if flats else np.zeros(0, dtype=np.uint64)
     ln = np.concatenate(lens) if lens else np.zeros(0, dtype=np.int64)
+    a_words = np.concatenate(a_l) if a_l else np.zeros(0, dtype=np.int64)
     off = np.zeros(len(ln) + 1, dtype=np.int64)
     np.cumsum(ln, out=off[1:])
+    is_qa = (df["kind"] == "qa").to_numpy()
+    tdig = text_digests(df["text"].str.to_lowercase().to_list())  # exact-duplicate key (stable xxh3-64)
     df = df.with_columns(
+        pl.Series("_tdig", tdig),
+        pl.Series("cap_words", np.where(is_qa, 0, ln).astype(np.int64)),
+        pl.Series("q_words", np.where(is_qa, ln - a_words, 0).astype(np.int64)),
+        pl.Series("a_words", a_words.astype(np.int64)),
         pl.Series("rep_share", np.concatenate(share_l) if share_l else np.zeros(0)),
         pl.Series("rep_ngrams", np.concatenate(count_l) if count_l else np.zeros(0, dtype=np.int64)),
         pl.Series("rep_run", np.concatenate(run_l) if run_l else np.zeros(0, dtype=np.int64)),
@@ -447,15 +466,11 @@ def apply_steps(ctx: Context, steps: list[Step] | None = None, timings: dict[str
             alive = np.flatnonzero(df[REASON].is_null().to_numpy())
             ctx.df = df
             hits = step.group(ctx, alive) if len(alive) else {}  # type: ignore[misc]
-            if hits:
-                rows = np.fromiter(hits.keys(), dtype=np.int64, count=len(hits))
-                reason = np.full(df.height, None, dtype=object)
-                detail_arr = np.full(df.height, None, dtype=object)
-                reason[rows] = step.name
-                detail_arr[rows] = list(hits.values())
+            if hits:  # alive rows only, so nothing is overwritten
+                rows = pl.Series(np.fromiter(hits.keys(), dtype=np.int64, count=len(hits)))
                 df = df.with_columns(
-                    pl.coalesce(pl.col(REASON), pl.Series(REASON + "_new", reason.tolist(), dtype=pl.String)).alias(REASON),
-                    pl.coalesce(pl.col(DETAIL), pl.Series(DETAIL + "_new", detail_arr.tolist(), dtype=pl.String)).alias(DETAIL),
+                    df[REASON].scatter(rows, step.name),
+                    df[DETAIL].scatter(rows, pl.Series(list(hits.values()), dtype=pl.String)),
                 )
             lf = df.lazy()
         if timings is not None:
@@ -491,6 +506,63 @@ def synth_payload(row: dict[str, Any]) -> str:
     m = out.get("meta")
     out["meta"] = json.loads(m) if m else {}
     return canonical_json(out)
+
+
+def _js(v: Any) -> str:
+    """A JSON scalar exactly as ``canonical_json`` writes it."""
+    from json.encoder import encode_basestring
+
+    if v is None:
+        return "null"
+    if isinstance(v, str):
+        return encode_basestring(v)
+    return canonical_json(v)
+
+
+def synth_payloads(tab) -> list[str]:  # type: ignore[no-untyped-def]
+    """:func:`synth_payload` for every row of an Arrow table of SynthRecords, column-wise (no per-row dicts)."""
+    from json.encoder import encode_basestring as enc
+
+    c = {name: tab.column(name).to_pylist() for name in
+         ("answer", "caption", "id", "key", "kind", "meta", "params_hash", "parent_id", "question", "source")}
+    img = tab.column("image")
+    import pyarrow.compute as pc
+
+    img_b = pc.struct_field(img, "bytes").to_pylist()
+    img_p = pc.struct_field(img, "path").to_pylist()
+    teacher = tab.column("teacher").to_pylist()
+    template = tab.column("template").to_pylist()
+    out = []
+    for i in range(tab.num_rows):
+        m = c["meta"][i]
+        meta = "{}" if not m or m == "{}" else canonical_json(json.loads(m))
+        b = img_b[i]
+        image = f'{{"digest":{_js(digest(b)) if b is not None else "null"},"path":{_js(img_p[i])}}}'
+        t, tp = teacher[i], template[i]
+        out.append(
+            f'{{"answer":{_js(c["answer"][i])},"caption":{_js(c["caption"][i])},"id":{enc(c["id"][i])},'
+            f'"image":{image},"key":{enc(c["key"][i])},"kind":{enc(c["kind"][i])},"meta":{meta},'
+            f'"params_hash":{enc(c["params_hash"][i])},"parent_id":{enc(c["parent_id"][i])},'
+            f'"question":{_js(c["question"][i])},"source":{_js(c["source"][i])},'
+            f'"teacher":{{"backend":{_js(t["backend"])},"model":{_js(t["model"])},"revision":{_js(t["revision"])}}},'
+            f'"template":{{"hash":{_js(tp["hash"])},"name":{_js(tp["name"])}}}}}'
+        )
+    return out
+
+
+def quarantine_table(reasons: list[str], details: list[str], record_ids: list[str], keys: list[str],
+                     parents: list[str], payloads: list[str], metas: list[str]):  # type: ignore[no-untyped-def]
+    """QuarantineRecord rows (stage "curate") as an Arrow table, ids as ``QuarantineRecord`` computes them."""
+    import pyarrow as pa
+    from json.encoder import encode_basestring as enc
+
+    ids = [xxhash.xxh3_128_hexdigest(f'["QuarantineRecord","curate",{enc(r)},{enc(i)},{enc(k)},""]'.encode())
+           for r, i, k in zip(reasons, record_ids, keys)]
+    n = len(ids)
+    return pa.table({
+        "id": ids, "stage": ["curate"] * n, "reason": reasons, "detail": details, "record_id": record_ids,
+        "key": keys, "parent_id": parents, "raw": [""] * n, "payload": payloads, "meta": metas,
+    })
 
 
 @dataclass
@@ -632,18 +704,23 @@ def run_curation(
     if cfg.text.normalize:
         import pyarrow as pa
 
-        sub = df[keep_idx.tolist()] if len(keep_idx) else df.head(0)
+        sub = df[keep_idx] if len(keep_idx) else df.head(0)
         for c in ("caption", "question", "answer"):
             kept = kept.set_column(kept.schema.get_field_index(c), c, pa.array(sub[c].to_list(), type=pa.string()))
     with ShardWriter(ws.curated, "SynthRecord", mode="overwrite", provenance=prov) as w:
         w.write_table(kept)
     with ShardWriter(ws.rejected, "QuarantineRecord", mode="overwrite", provenance=prov) as w:
-        det = df[DETAIL].to_list()
+        det = df[DETAIL]
         for s in range(0, len(rej_idx), 20_000):
             part = rej_idx[s:s + 20_000]
-            for r, row in zip(part, table.take(pa_indices(part)).to_pylist()):
-                w.write_row(_quarantine_row(str(reasons[r]), det[r] or "", row, synth_payload(row),
-                                            {"input": "synthetic", "kind": row["kind"], "source": row["source"]}))
+            tab = table.take(pa_indices(part))
+            kinds, sources = tab.column("kind").to_pylist(), tab.column("source").to_pylist()
+            w.write_table(quarantine_table(
+                [str(reasons[r]) for r in part], [d or "" for d in det.gather(part).to_list()],
+                tab.column("id").to_pylist(), tab.column("key").to_pylist(), tab.column("parent_id").to_pylist(),
+                synth_payloads(tab),
+                [canonical_json({"input": "synthetic", "kind": k, "source": so}) for k, so in zip(kinds, sources)],
+            ))
         for row in orig_rows:
             w.write_row(row)
     timings["write"] = round(time.perf_counter() - t0, 3)

@@ -55,25 +55,122 @@ def combined_pattern(patterns: list[str]) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # word hashes: a flat uint64 array + row offsets
 # ---------------------------------------------------------------------------------------------
-def word_hashes(texts) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
-    """Lower-cased ``\\w+`` words of each text as stable uint64 hashes.
+_BYTE_WEIGHTS = np.random.default_rng(0x5EED).integers(1, 2**63, size=64, dtype=np.int64).astype(np.uint64) | np.uint64(1)
+_CHUNK_BYTES = 4 << 20
 
+
+def _string_buffers(texts) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
+    """(row byte offsets starting at 0, UTF-8 bytes) of a Polars string Series, zero-copy where possible."""
+    import pyarrow as pa
+
+    arr = texts.fill_null("").to_arrow()
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if arr.type != pa.large_string():
+        arr = arr.cast(pa.large_string())
+    n = len(arr)
+    bufs = arr.buffers()
+    offs = np.frombuffer(bufs[1], dtype=np.int64, count=arr.offset + n + 1)[arr.offset:]
+    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, dtype=np.uint8)
+    return offs - offs[0], data[offs[0]:offs[-1]]
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(33))) * np.uint64(0xFF51AFD7ED558CCD)
+        x = (x ^ (x >> np.uint64(33))) * np.uint64(0xC4CEB9FE1A85EC53)
+        return x ^ (x >> np.uint64(33))
+
+
+def _words_of_bytes(offs: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    n_rows = len(offs) - 1
+    if len(d) == 0:
+        return np.zeros(0, dtype=np.uint64), np.zeros(n_rows + 1, dtype=np.int64)
+    upper = (d >= 65) & (d <= 90)
+    low = d + (upper.view(np.uint8) << 5)  # ASCII case folding
+    isw = ((low >= 97) & (low <= 122)) | ((low >= 48) & (low <= 57)) | (low == 95) | (low >= 128)
+    prev = np.empty_like(isw)
+    prev[0] = False
+    prev[1:] = isw[:-1]
+    row_starts = offs[:-1][np.diff(offs) > 0]
+    prev[row_starts] = False  # a word never continues into the next row
+    start = isw & ~prev
+    S = np.flatnonzero(start)
+    if len(S) == 0:
+        return np.zeros(0, dtype=np.uint64), np.zeros(n_rows + 1, dtype=np.int64)
+    idx = np.arange(len(d), dtype=np.int32)  # chunks are far below 2**31 bytes
+    pos = idx - np.maximum.accumulate(np.where(start, idx, np.int32(0)))
+    with np.errstate(over="ignore"):
+        w = _BYTE_WEIGHTS[pos & 63]
+        w[~isw] = 0
+        contrib = (low.astype(np.uint64) + np.uint64(1)) * w
+        h = np.add.reduceat(contrib, S)
+        length = np.add.reduceat(isw.view(np.uint8), S, dtype=np.int32).astype(np.uint64)
+        h = _mix64(h ^ (length * np.uint64(0x9E3779B97F4A7C15)))
+    woff = np.searchsorted(S, offs, side="left").astype(np.int64)
+    return h, woff
+
+
+def word_hashes(texts) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
+    """Lower-cased words of each text as stable uint64 hashes (vectorised over the UTF-8 bytes).
+
+    A word is a run of ASCII letters/digits/underscore or non-ASCII bytes (so UTF-8 letters belong to
+    words); ASCII letters are case-folded. The hash is a position-weighted sum of the word's bytes
+    mixed with its length (64-bit; the same word always gets the same hash, on any machine).
     Returns ``(flat, offsets)``: row ``i``'s words are ``flat[offsets[i]:offsets[i+1]]``.
     ``texts`` is a Polars Series of strings (nulls count as empty).
     """
+    offs, d = _string_buffers(texts)
+    n = len(offs) - 1
+    flats, counts = [], []
+    r = 0
+    while r < n:
+        # rows [r, e) hold about _CHUNK_BYTES bytes (bounded memory)
+        e = int(np.searchsorted(offs, offs[r] + _CHUNK_BYTES, side="right"))
+        e = min(max(e, r + 1), n)
+        sub = offs[r:e + 1]
+        h, woff = _words_of_bytes(sub - sub[0], d[sub[0]:sub[-1]])
+        flats.append(h)
+        counts.append(np.diff(woff))
+        r = e
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    if counts:
+        np.cumsum(np.concatenate(counts), out=offsets[1:])
+    flat = np.concatenate(flats) if flats else np.zeros(0, dtype=np.uint64)
+    return flat, offsets
+
+
+def needs_normalize(texts) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """Rows whose text NFC/whitespace normalisation could change: non-ASCII bytes, a whitespace
+    other than a single inner space (tabs, newlines, runs, leading/trailing)."""
+    offs, d = _string_buffers(texts)
+    n = len(offs) - 1
+    out = np.zeros(n, dtype=bool)
+    lens = np.diff(offs)
+    nz = np.flatnonzero(lens > 0)
+    if len(nz) == 0 or len(d) == 0:
+        return out
+    sp = d == 32
+    other_ws = (d >= 9) & (d <= 13)
+    bad = (d >= 128) | other_ws
+    bad[1:] |= sp[1:] & sp[:-1]
+    bad[offs[:-1][nz]] |= sp[offs[:-1][nz]]
+    bad[offs[1:][nz] - 1] |= sp[offs[1:][nz] - 1]
+    starts = offs[:-1][nz]
+    out[nz] = np.logical_or.reduceat(bad, starts)
+    return out
+
+
+def normalize_series(texts):  # type: ignore[no-untyped-def]
+    """NFC + whitespace normalisation, computed only on the rows that need it."""
     import polars as pl
 
-    words = texts.fill_null("").str.to_lowercase().str.extract_all(WORD_RE)
-    lens = words.list.len().fill_null(0).to_numpy().astype(np.int64)
-    offsets = np.zeros(len(lens) + 1, dtype=np.int64)
-    np.cumsum(lens, out=offsets[1:])
-    flat = words.explode().drop_nulls()  # empty lists explode to one null each
-    if len(flat) == 0:
-        return np.zeros(0, dtype=np.uint64), offsets
-    vocab = flat.unique(maintain_order=True)
-    vh = pl.Series([xxhash.xxh3_64_intdigest(w.encode()) for w in vocab.to_list()], dtype=pl.UInt64)
-    hashed = flat.replace_strict(vocab, vh, return_dtype=pl.UInt64)
-    return hashed.to_numpy(), offsets
+    texts = texts.cast(pl.String)
+    rows = np.flatnonzero(needs_normalize(texts))
+    if len(rows) == 0:
+        return texts
+    fixed = pl.DataFrame({"t": texts.gather(rows)}).select(normalize_expr("t"))["t"]
+    return texts.scatter(rows, fixed)
 
 
 def hash_words(words: list[str]) -> np.ndarray:
