@@ -78,6 +78,9 @@ def load_sets(benchmark: str, *, data: str | Path | None = None, mmeb_dir: str |
               on_bad_row: str = "raise") -> list[EvalSet]:
     from . import data as D
 
+    if isinstance(datasets, str):  # "A,B" from a caller that skipped the CLI's splitting
+        datasets = [d.strip() for d in datasets.split(",") if d.strip()]
+    datasets = list(dict.fromkeys(datasets)) if datasets else None
     if benchmark == "scenes":
         if data is None:
             raise EvalError("the scenes benchmark needs --data: the root written by `cocoa-data scenes` (or its eval/ dir)")
