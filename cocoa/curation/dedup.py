@@ -103,7 +103,6 @@ def near_duplicates(
     values are exported to group them into candidate pairs. Pairs are verified with the exact Jaccard
     of their shingle sets, then linked into connected components. Rows with no words never match.
     """
-    import polars as pl
     import rensa
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from ..records import RecordError, canonical_json, content_id, digest, from_row, payload_json, schema_for
+from ..records import canonical_json, content_id, digest, from_row, payload_json, schema_for
 from ..shards import MANIFEST, ShardDataset, ShardError, ShardWriter, Workspace, atomic_write_json, open_dataset
 from .config import CurationConfig
 from .dedup import first_of_groups_cols, near_duplicates, text_digests
@@ -255,7 +255,6 @@ def _image_near(ctx: Context, alive: np.ndarray) -> dict[int, str]:
 def _decontam_image(ctx: Context, alive: np.ndarray) -> dict[int, str]:
     from .decontam import image_matches
 
-    pl = _pl()
     sub = ctx.df[alive].select("_img", "img_phash")
     imgs = sub.unique("_img", keep="first", maintain_order=True)
     hits = image_matches(ctx.eval_index, imgs["img_phash"].to_numpy(), ctx.cfg.decontam.image_distance)
@@ -266,7 +265,6 @@ def _decontam_image(ctx: Context, alive: np.ndarray) -> dict[int, str]:
     for j, k in enumerate(sub["_img"].to_list()):
         if k in bad:
             out[int(alive[j])] = f"image matches eval image of {bad[k]}"
-    _ = pl
     return out
 
 
@@ -582,7 +580,6 @@ def _examples(df, reason: str, k: int) -> list[dict[str, Any]]:  # type: ignore[
 def decontaminate_original(ws: Workspace, cfg: CurationConfig, eval_index: Any, max_pixels: int,
                            progress: Any = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Contaminated original PairRecords -> quarantine rows (``meta.input = "original"``)."""
-    pl = _pl()
     from .decontam import image_matches, text_matches
     from .images import analyse_image, read_ref_bytes
 
@@ -635,7 +632,6 @@ def decontaminate_original(ws: Workspace, cfg: CurationConfig, eval_index: Any, 
             by_rule[reason] = by_rule.get(reason, 0) + 1
             rows_out.append(_quarantine_row(reason, detail, {"id": rec.id}, payload_json(rec),
                                             {"input": "original", "source": rec.source}))
-    _ = pl
     return rows_out, {"rows": n, "rejected": len(rows_out), "by_rule": by_rule}
 
 
@@ -799,4 +795,4 @@ def print_report(report: dict[str, Any], console: Any = None) -> None:
 
 
 __all__ = ["STEPS", "RULES", "Step", "Context", "apply_steps", "run_curation", "print_report", "open_checked",
-           "dataset_checksum", "RecordError"]
+           "dataset_checksum"]
