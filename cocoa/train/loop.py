@@ -61,21 +61,25 @@ class Plan:
     stages: list[StagePlan] = field(default_factory=list)
 
 
-def default_model_dir() -> tuple[str, str]:
-    """The embedded default: the generatively pre-trained tiny model, else the random-init tiny model."""
+def default_model_dir(console: Any = None) -> tuple[str, str]:
+    """The embedded default: the generatively pre-trained tiny model (built once, cached), else -- when
+    pre-training is unavailable -- the random-init tiny model, with a clear note."""
     try:
-        from . import pretrain  # type: ignore[attr-defined]
-
-        fn = getattr(pretrain, "pretrained_tiny_dir", None)
-        if fn is not None:
-            return str(fn()), "the embedded tiny Qwen2-VL, generatively pre-trained (cocoa.train.pretrain)"
-    except ImportError:
-        pass
+        from .pretrain import pretrained_tiny_dir
+    except ImportError as e:
+        reason = f"cocoa.train.pretrain is unavailable ({e})"
+    else:
+        try:
+            return (str(pretrained_tiny_dir(console=console)),
+                    "the embedded tiny Qwen2-VL, generatively pre-trained on scenes captions (cached; pass --model "
+                    "for a real backbone)")
+        except RecordError as e:
+            reason = f"pre-training the tiny model failed ({e})"
     from .tiny import tiny_model_dir
 
     return (str(tiny_model_dir()),
-            "the embedded tiny Qwen2-VL at RANDOM init: no generatively pre-trained tiny model is available "
-            "(cocoa.train.pretrain is missing); embeddings will be weak -- pass --model for a real backbone")
+            f"the embedded tiny Qwen2-VL at RANDOM init: {reason}; embeddings will be weak -- pass --model "
+            "for a real backbone")
 
 
 def _stage_data(config: TrainConfig, k: int) -> Path:
