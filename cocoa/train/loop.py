@@ -221,7 +221,9 @@ def _stage_done(stage_dir: Path) -> bool:
 
 def _config_hash(config: TrainConfig) -> str:
     d = config.model_dump(mode="json")
-    for k in ("resume", "overwrite", "progress", "tensorboard", "num_workers", "log_every"):
+    # settings that do not change what a finished step computed (a later run may add stages)
+    for k in ("resume", "overwrite", "progress", "tensorboard", "num_workers", "log_every", "stages",
+              "keep_checkpoints"):
         d.pop(k, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -700,6 +702,7 @@ def _train_stage(sp: StagePlan, input_model: str, config: TrainConfig, info: Any
                 # ---- optimizer step ----
                 if s.max_grad_norm > 0:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm))
+                lr_used = scheduler.get_last_lr()[0]
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -714,7 +717,7 @@ def _train_stage(sp: StagePlan, input_model: str, config: TrainConfig, info: Any
                 window_tok += tok_all
                 now = time.time()
                 tps = window_tok / max(now - window_t, 1e-9)
-                row = {"stage": k, "step": done, "loss": round(loss_all, 6), "lr": scheduler.get_last_lr()[0],
+                row = {"stage": k, "step": done, "loss": round(loss_all, 6), "lr": lr_used,
                        "grad_norm": round(grad_norm, 6), "tokens": int(tok_all), "tokens_per_s": round(tps, 2),
                        "padding_share": round(1 - tok_all / slots_all, 4) if slots_all else 0.0,
                        "time": round(now - t_stage, 3)}
