@@ -1,14 +1,97 @@
-"""`cocoa-train tiny-model` / `cocoa-train pretrain-tiny`: the offline tiny Qwen2-VL."""
+"""`cocoa-train tiny-model` / `cocoa-train pretrain-tiny`: the offline tiny Qwen2-VL.
+
+Heavy imports (torch, transformers) stay inside the command functions so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Literal
 
 import click
+from pydantic import Field
 
-from .common import not_implemented
+from ..config import Config, config_options
+from ..train.pretrain import PretrainConfig  # light: pydantic only (torch is imported when training)
+from .common import console
+
+
+class TinyModelConfig(Config):
+    """Settings of `cocoa-train tiny-model`."""
+
+    out: str = Field("models/tiny", description="directory to write the model to (must be new or empty)")
+    arch: Literal["qwen2-vl", "qwen2.5-vl"] = Field("qwen2-vl", description="architecture")
+    seed: int = Field(0, description="seed of the random initialisation")
+    overwrite: bool = Field(False, description="replace an existing --out directory")
 
 
 @click.command("tiny-model")
-def tiny_model() -> None:
-    """Build the offline tiny Qwen2-VL (not implemented yet)."""
-    not_implemented("cocoa-train tiny-model")
+@config_options(TinyModelConfig)
+def tiny_model(config: TinyModelConfig) -> None:
+    """Build the offline tiny Qwen2-VL (or Qwen2.5-VL) at random init.
+
+    Writes a directory that loads like a hub checkpoint (`AutoModelForImageTextToText.from_pretrained`,
+    `AutoProcessor.from_pretrained`): safetensors weights, a locally trained byte-level BPE tokenizer with
+    Qwen2-VL's special tokens and <|mask|>, a Qwen2VLProcessor with small min/max pixels, and cocoa.json.
+    """
+    from ..train.tiny import build_tiny_model
+
+    out = Path(config.out)
+    _prepare_out(out, config.overwrite)
+    c = console()
+    with c.status(f"building the tiny {config.arch} ..."):
+        build_tiny_model(out, arch=config.arch, seed=config.seed)
+    spec = (out / "cocoa.json").read_text()
+    import json
+
+    extra = json.loads(spec)["extra"]
+    c.print(f"[green]tiny {config.arch}[/green] ({extra['num_parameters']:,} parameters, seed {config.seed}) -> {out}")
 
 
-COMMANDS = [tiny_model]
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise click.UsageError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
+        if out.is_dir():
+            shutil.rmtree(out)
+        else:
+            out.unlink()
+
+
+@click.command("pretrain-tiny")
+@config_options(PretrainConfig)
+def pretrain_tiny(config: PretrainConfig) -> None:
+    """Pre-train the tiny model generatively (causal attention, next-token loss on the responses).
+
+    Trains on PairRecords (image + question -> answer / label / caption, and image -> a detailed caption
+    from the scene graph in meta["scene"]) and caches the result under $COCOA_CACHE/pretrained, keyed by the
+    data's shard checksums and the settings: a second call with the same settings returns at once.
+    With --out the cached model is also copied there. Loss per step: pretrain_metrics.jsonl in the model.
+    """
+    from ..train.pretrain import pretrained_tiny_dir, read_metrics
+
+    if config.out:
+        out = Path(config.out)
+        _prepare_out(out, config.overwrite)
+    c = console()
+    settings = config.model_dump(exclude={"data", "steps", "seed", "out", "overwrite"})
+    d = pretrained_tiny_dir(config.data, steps=config.steps, seed=config.seed, console=c, **settings)
+    rows = read_metrics(d)
+    k = min(20, len(rows))
+    if rows:
+        first = sum(r["loss"] for r in rows[:k]) / k
+        last = sum(r["loss"] for r in rows[-k:]) / k
+        c.print(f"generative pre-training: {len(rows)} steps, loss {first:.3f} (first {k}) -> {last:.3f} (last {k})")
+    c.print(f"cached model: {d}")
+    if config.out:
+        tmp = out.parent / f".{out.name}.tmp-copy"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(d, tmp)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        tmp.rename(out)
+        c.print(f"[green]copied to[/green] {out}")
+
+
+COMMANDS = [tiny_model, pretrain_tiny]

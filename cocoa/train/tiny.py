@@ -16,6 +16,7 @@ min/max pixels, and ``cocoa.json`` (:class:`cocoa.train.spec.EmbeddingSpec`).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -201,10 +202,10 @@ def tokenizer_corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer(vocab_size: int = DEFAULTS["vocab_size"]):  # type: ignore[no-untyped-def]
-    """Train the byte-level BPE tokenizer (deterministic) and wrap it as a transformers Qwen2 tokenizer."""
+@functools.lru_cache(maxsize=4)
+def _train_bpe(vocab_size: int) -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, str], ...]]:
+    """(vocab, merges) of the byte-level BPE trained on :func:`tokenizer_corpus` (memoised per process)."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import AddedToken, Qwen2TokenizerFast
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     tok = Tokenizer(models.BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
@@ -222,10 +223,17 @@ def build_tokenizer(vocab_size: int = DEFAULTS["vocab_size"]):  # type: ignore[n
     )
     tok.train_from_iterator(tokenizer_corpus(), trainer=trainer)
     model_state = json.loads(tok.to_str())["model"]
-    vocab: dict[str, int] = model_state["vocab"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model_state["merges"]]
+    merges = tuple(tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model_state["merges"])
+    return tuple(model_state["vocab"].items()), merges  # type: ignore[return-value]
+
+
+def build_tokenizer(vocab_size: int = DEFAULTS["vocab_size"]):  # type: ignore[no-untyped-def]
+    """Train the byte-level BPE tokenizer (deterministic) and wrap it as a transformers Qwen2 tokenizer."""
+    from transformers import AddedToken, Qwen2TokenizerFast
+
+    vocab_items, merges = _train_bpe(vocab_size)
     qtok = Qwen2TokenizerFast(
-        vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
+        vocab=dict(vocab_items), merges=list(merges), unk_token=None, bos_token=None, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
         add_prefix_space=False, clean_up_tokenization_spaces=False, model_max_length=32768,
     )
     qtok.add_special_tokens(
@@ -304,8 +312,10 @@ def make_config(settings: dict[str, Any], vocab_size: int, special_ids: dict[str
     return cfg
 
 
-def build_processor(tokenizer, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS):  # type: ignore[no-untyped-def]
-    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+def build_processor(tokenizer, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,  # type: ignore[no-untyped-def]
+                    arch: Arch = "qwen2-vl"):
+    """The processor the hub checkpoints ship: ``Qwen2VLProcessor`` (``Qwen2_5_VLProcessor`` for 2.5)."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
     image_processor = Qwen2VLImageProcessor(
         min_pixels=min_pixels, max_pixels=max_pixels, patch_size=PATCH_SIZE, merge_size=MERGE_SIZE,
@@ -315,8 +325,9 @@ def build_processor(tokenizer, min_pixels: int = MIN_PIXELS, max_pixels: int = M
         min_pixels=min_pixels, max_pixels=max_pixels, patch_size=PATCH_SIZE, merge_size=MERGE_SIZE,
         temporal_patch_size=TEMPORAL_PATCH_SIZE,
     )
-    return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                            video_processor=video_processor, chat_template=CHAT_TEMPLATE)
+    cls = Qwen2VLProcessor if arch == "qwen2-vl" else Qwen2_5_VLProcessor
+    return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+               chat_template=CHAT_TEMPLATE)
 
 
 def build_tiny_model(out_dir: str | Path, arch: Arch = "qwen2-vl", seed: int = 0, **overrides: Any) -> Path:
@@ -351,7 +362,7 @@ def build_tiny_model(out_dir: str | Path, arch: Arch = "qwen2-vl", seed: int = 0
     model.generation_config.pad_token_id = special_ids["<|endoftext|>"]
     model.generation_config.bos_token_id = None
 
-    processor = build_processor(tokenizer, settings["min_pixels"], settings["max_pixels"])
+    processor = build_processor(tokenizer, settings["min_pixels"], settings["max_pixels"], settings["arch"])
     model.save_pretrained(out)
     processor.save_pretrained(out)
     n_params = sum(p.numel() for p in model.parameters())
