@@ -615,7 +615,8 @@ def _train_stage(sp: StagePlan, input_model: str, config: TrainConfig, info: Any
     say(f"stage {k}: {len(records)} rows from {sp.data}, {total} steps x {s.batch_size} (micro {s.micro_batch_size}), "
         f"lr {s.lr:g}; {n_train:,} of {n_total:,} parameters trainable; input {input_model}")
     model.train()
-    wrapped = D.wrap_model(_dispatch_module(model), info, config.strategy, full)
+    fsdp = info.enabled and (config.strategy == "fsdp" or (config.strategy == "auto" and full and on_cuda))
+    wrapped = D.wrap_model(_dispatch_module(model), info, "fsdp" if fsdp else "ddp", full)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -736,8 +737,7 @@ def _train_stage(sp: StagePlan, input_model: str, config: TrainConfig, info: Any
                                              "loss": row["loss"]},
                                       rank=info.rank, world=info.world, barrier=lambda: D.barrier(info),
                                       keep=config.keep_checkpoints,
-                                      sharded=full and info.enabled and info.device.type == "cuda"
-                                      and config.strategy in ("fsdp", "auto"))
+                                      sharded=fsdp)
     finally:
         del loader
     # ---- finish: merge, save the stage model, plot ---------------------------------------------------
@@ -746,8 +746,9 @@ def _train_stage(sp: StagePlan, input_model: str, config: TrainConfig, info: Any
     for p in model.parameters():
         p.requires_grad_(False)
     dest = sp.dir / "model"
+    full_sd = _gather_full_state(model.model) if fsdp else None  # a collective: every rank
     if info.is_main:
-        _save_stage_model(model, dest, k, input_model)
+        _save_stage_model(model, dest, k, input_model, full_sd)
         plot_loss(Path(config.out), k, sp.dir / "loss.png")
     D.barrier(info)
     share = 1 - stats["tokens"] / stats["slots"] if stats["slots"] else 0.0
@@ -815,13 +816,27 @@ def _stage3_step(wrapped: Any, model: Any, groups: list[list[dict[str, Any]]], c
     return float(loss), out_parts, tok, slots
 
 
-def _save_stage_model(model: Any, dest: Path, k: int, input_model: str) -> None:
+def _gather_full_state(hf: Any) -> dict[str, Any]:
+    """The full (unsharded) state dict of an FSDP2 model, on CPU (rank 0 writes it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(hf, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _save_stage_model(model: Any, dest: Path, k: int, input_model: str, full_sd: dict[str, Any] | None = None
+                      ) -> None:
     """``save_pretrained`` into a temp dir, then rename: the stage model appears complete or not at all."""
     tmp = dest.parent / f".{dest.name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     model.spec = model.spec.model_copy(update={"base_model": model.spec.base_model or str(input_model)})
-    model.save_pretrained(tmp, stages=[k])
+    if full_sd is None:
+        model.save_pretrained(tmp, stages=[k])
+    else:  # FSDP2: the gathered weights, then processor + cocoa.json as CocoaModel.save_pretrained writes them
+        tmp.mkdir(parents=True)
+        model.model.save_pretrained(tmp, state_dict=full_sd)
+        model.processor.save_pretrained(tmp)
+        model.spec.model_copy(update={"stages": sorted(set(model.spec.stages) | {k})}).save(tmp)
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)
