@@ -102,8 +102,10 @@ class DecontamSection(_Section):
     image_distance: int = Field(2, ge=0, le=32, description="pHash Hamming distance for an eval image match")
     text: bool = Field(True, description="Drop rows whose text overlaps an eval query/target")
     ngram: int = Field(8, ge=1, description="Word n-gram size for text overlap")
-    threshold: float = Field(0.5, gt=0, le=1,
-                             description="Drop if this share of an eval text's n-grams appear in the row's text")
+    threshold: float = Field(0.8, gt=0, le=1,
+                             description="Drop if this share of an eval text's informative n-grams appear in the row's text")
+    template_texts: int = Field(10, ge=2, description="N-grams found in this many distinct eval texts are boilerplate "
+                                                      "(instructions, templates) and ignored")
 
 
 class CurationConfig(Config):

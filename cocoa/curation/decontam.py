@@ -7,8 +7,11 @@ relative to their dataset directory (resolved with ``ref.load(root=dataset_dir)`
 A training row is contaminated when
 - its image is a pHash near-duplicate (Hamming distance <= ``image_distance``) of an eval image, or
 - for some eval query/target text with at least ``ngram`` words, a share >= ``threshold`` of that
-  text's word n-grams occur in the row's text (eval texts shorter than ``ngram`` words, such as class
-  labels, are too short to be evidence and are not used).
+  text's informative word n-grams occur in the row's text. Eval texts shorter than ``ngram`` words
+  (class labels) are too short to be evidence, and boilerplate is not used either: n-grams shared by
+  ``template_texts`` or more distinct eval texts (prompt templates), and the n-grams of a text that
+  accompanies an image in ``template_texts`` or more eval records (instructions such as
+  "<|image_1|> Represent the given image.").
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ class EvalIndex:
     n_images: int = 0
     n_texts: int = 0
     unreadable: list[str] = field(default_factory=list)
+    template_ngrams: int = 0
 
     def summary(self) -> dict:
         return {
@@ -71,26 +75,31 @@ class EvalIndex:
             "images": self.n_images,
             "texts_used": int(len(self.text_ngrams)),
             "texts_seen": self.n_texts,
+            "template_ngrams_ignored": self.template_ngrams,
             "unreadable_images": self.unreadable[:20],
         }
 
 
-def build_eval_index(path: str | Path, ngram: int, max_pixels: int) -> EvalIndex:
+def build_eval_index(path: str | Path, ngram: int, max_pixels: int, template_texts: int = 10) -> EvalIndex:
     import polars as pl
 
     idx = EvalIndex()
     seen_img: dict[str, int] = {}
     hashes: list[int] = []
     texts: dict[str, str] = {}
+    with_image: dict[str, int] = {}
     for d in find_eval_datasets(path):
         ds = open_dataset(d, record_type="EvalRecord")
         idx.datasets.append(str(d))
         for rec in ds:
             label = f"{rec.dataset}/{rec.id}"
-            for t in [rec.qry_text, *rec.tgt_texts]:
+            sides = [(rec.qry_text, rec.qry_image)] + list(zip(rec.tgt_texts, rec.tgt_images))
+            for t, img in sides:
                 t = normalize_text(t or "")
                 if t:
                     texts.setdefault(t, label)
+                    if img is not None:  # text beside an image: an instruction when it repeats
+                        with_image[t] = with_image.get(t, 0) + 1
             for ref in [rec.qry_image, *rec.tgt_images]:
                 if ref is None:
                     continue
@@ -116,6 +125,16 @@ def build_eval_index(path: str | Path, ngram: int, max_pixels: int) -> EvalIndex
         g, go = ngrams(f, o, ngram, short="drop")
         # distinct n-grams per text
         df = pl.DataFrame({"t": row_index(go), "h": g}).unique(maintain_order=True)
+        # boilerplate: n-grams shared by many distinct eval texts (instructions such as "Find a caption
+        # describing the image") say nothing about leakage and would match every training query
+        common = df.group_by("h").len().filter(pl.col("len") >= template_texts).select("h")
+        # ... and every n-gram of a text that accompanies an image in many eval records (MMEB-style
+        # instructions such as "<|image_1|> Represent the given image.")
+        instr = [i for i, t in enumerate(tlist) if with_image.get(t, 0) >= template_texts]
+        if instr:
+            common = pl.concat([common, df.filter(pl.col("t").is_in(instr)).select("h")]).unique()
+        idx.template_ngrams = common.height
+        df = df.join(common, on="h", how="anti", maintain_order="left")
         n_per = df.group_by("t").agg(pl.len().alias("n"))
         full = np.zeros(len(tlist), dtype=np.int64)
         full[n_per["t"].to_numpy()] = n_per["n"].to_numpy()

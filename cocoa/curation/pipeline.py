@@ -670,7 +670,8 @@ def run_curation(
             from .decontam import build_eval_index
 
             t0 = time.perf_counter()
-            eval_index = build_eval_index(eval_data, cfg.decontam.ngram, cfg.image.max_pixels)
+            eval_index = build_eval_index(eval_data, cfg.decontam.ngram, cfg.image.max_pixels,
+                                          cfg.decontam.template_texts)
             timings["eval_index"] = round(time.perf_counter() - t0, 3)
         ctx = Context(cfg=cfg, df=df, words=words, eval_index=eval_index)
         steps_task = progress.add_task("rules", total=len(STEPS))
