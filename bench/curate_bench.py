@@ -246,6 +246,8 @@ def main() -> None:
         fn = {"cocoa": child_cocoa_dedupe, "datasketch": child_datasketch, "curate": child_curate}[args.child]
         res = fn(**ca)
         res["peak_rss_kb"] = _peak_kb()
+        # image-analysis worker processes (curate): the largest one's peak RSS
+        res["worker_peak_rss_kb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         print(json.dumps(res))
         return
 
@@ -322,6 +324,8 @@ def main() -> None:
         print(f"cocoa curate: {args.rows:,} rows in {res_k['seconds']:.1f} s wall ({res_k['cpu_seconds']:.1f} s CPU), peak RSS {rss_k:.2f} GB, "
               f"{res_k['rows_out']:,} kept  [target <= 60 s and <= 4 GB at 1M rows: "
               f"{'met' if ok else 'MISSED'}{'' if args.rows == 1_000_000 else ' (not 1M rows)'}]")
+        print(f"  (peak RSS is the main process; the largest image worker process peaked at "
+              f"{res_k['worker_peak_rss_kb'] / 1024**2:.2f} GB)")
         print("  drops:", res_k["drops"])
         print("  step seconds:", {k: v for k, v in res_k["timings"].items() if v >= 0.05})
         summary["curate"] = {**res_k, "peak_rss_gb": rss_k}
