@@ -52,6 +52,9 @@ def test_mapping_original():
     assert pair_kind(pair("txt", qry_text="q", pos_text="p")) == "no_image"
     assert to_mix_record(pair("img", qry_image=qi, pos_image=pi)) is None  # no text
     assert pair_kind(pair("img", qry_image=qi, pos_image=pi)) == "no_text"
+    ground = pair("ground", qry_text="<|image_1|> Select the object: red cube", qry_image=qi,
+                  pos_text="<|image_1|> Represent the given cropped image.", pos_image=pi)
+    assert to_mix_record(ground) is None and pair_kind(ground) == "image_to_image"
 
 
 # -------------------------------------------------------------------------------------------------

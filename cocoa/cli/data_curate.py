@@ -74,7 +74,7 @@ def mix(ratio: str, data: Path, stratify: bool, upsample: bool, seed: int, progr
                    console=con)
     con.print(card["note"])
     if card["original_not_mixed"]:
-        con.print(f"original pairs not mixed (no image+text): {card['original_not_mixed']}")
+        con.print(f"original pairs not mixed (no image + text pair for stages 1-2): {card['original_not_mixed']}")
     con.print(f"wrote {data / 'mix'}: {card['rows']} rows ({card['original_rows']} original, "
               f"{card['synthetic_rows']} synthetic; ratio {card['ratio_achieved']}), {data / 'mix' / 'README.md'}")
 

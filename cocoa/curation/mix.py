@@ -8,7 +8,8 @@ Row mapping (:func:`to_mix_record`; the training collators depend on it):
   text = pos_text, stages [1, 2]
 - original pair with a text query and an image positive -> image = pos_image, prompt = "",
   text = qry_text, stages [1, 2]
-- other original pairs (no image, or no text) -> not mixed; counted in the dataset card.
+- other original pairs (no image, no text, or image -> image such as grounding, whose texts are
+  instructions) -> not mixed; counted in the dataset card.
 
 Stage 3 reads ``original/`` PairRecords directly, so no mix row claims stage 3.
 
@@ -85,10 +86,14 @@ def to_mix_record(record: PairRecord | SynthRecord, image: ImageRef | None = Non
 
 
 def pair_kind(record: PairRecord) -> str:
-    """``image_to_text``, ``text_to_image``, or why the pair cannot be mixed."""
-    if record.qry_image is not None and record.pos_text.strip():
+    """``image_to_text``, ``text_to_image``, or why the pair cannot be mixed.
+
+    A text positive is a positive without an image (a positive image's text is an instruction, as in
+    MMEB); a text query is a query without an image.
+    """
+    if record.qry_image is not None and record.pos_image is None and record.pos_text.strip():
         return "image_to_text"
-    if record.qry_text.strip() and record.pos_image is not None:
+    if record.qry_image is None and record.qry_text.strip() and record.pos_image is not None:
         return "text_to_image"
     has_img = record.qry_image is not None or record.pos_image is not None
     has_txt = bool(record.qry_text.strip() or record.pos_text.strip())
@@ -96,7 +101,7 @@ def pair_kind(record: PairRecord) -> str:
         return "no_image"
     if not has_txt:
         return "no_text"
-    return "image_with_image"  # e.g. image query -> image positive, no text to reconstruct
+    return "image_to_image"  # e.g. grounding: image query -> image positive; its texts are instructions
 
 
 # ---------------------------------------------------------------------------------------------
