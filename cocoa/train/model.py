@@ -203,6 +203,17 @@ class CocoaModel(nn.Module):
         text = getattr(cfg, "text_config", cfg)
         return getattr(text, "_attn_implementation", None) or getattr(cfg, "_attn_implementation", "sdpa")
 
+    def set_attention(self, impl: str) -> None:
+        """Switch the LLM's attention implementation (``sdpa``, ``eager`` or ``cocoa_flex``); the vision
+        tower keeps its own. Masks are built for the new implementation from the next forward on."""
+        if impl not in ("sdpa", "eager", "cocoa_flex"):
+            raise RecordError(f"attention implementation {impl!r} is not supported; use sdpa, eager or cocoa_flex")
+        if impl == "cocoa_flex":
+            from .flex import register_flex_attention
+
+            register_flex_attention()
+        self.hf_config.text_config._attn_implementation = impl
+
     # -- masks and positions -----------------------------------------------------------------------
     @staticmethod
     def layout(batch: dict[str, torch.Tensor]) -> M.Layout:
