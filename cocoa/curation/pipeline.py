@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from json.encoder import encode_basestring as _enc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -508,19 +509,16 @@ def synth_payload(row: dict[str, Any]) -> str:
 
 def _js(v: Any) -> str:
     """A JSON scalar exactly as ``canonical_json`` writes it."""
-    from json.encoder import encode_basestring
-
     if v is None:
         return "null"
-    if isinstance(v, str):
-        return encode_basestring(v)
+    if v.__class__ is str:
+        return _enc(v)
     return canonical_json(v)
 
 
 def synth_payloads(tab) -> list[str]:  # type: ignore[no-untyped-def]
     """:func:`synth_payload` for every row of an Arrow table of SynthRecords, column-wise (no per-row dicts)."""
-    from json.encoder import encode_basestring as enc
-
+    enc = _enc
     c = {name: tab.column(name).to_pylist() for name in
          ("answer", "caption", "id", "key", "kind", "meta", "params_hash", "parent_id", "question", "source")}
     img = tab.column("image")
@@ -531,19 +529,26 @@ def synth_payloads(tab) -> list[str]:  # type: ignore[no-untyped-def]
     teacher = tab.column("teacher").to_pylist()
     template = tab.column("template").to_pylist()
     out = []
-    for i in range(tab.num_rows):
-        m = c["meta"][i]
+    js = _js
+    dig: dict[bytes, str] = {}
+    for (ans, cap, id_, key, kind, m, ph, par, q, src), b, p, t, tp in zip(
+        zip(c["answer"], c["caption"], c["id"], c["key"], c["kind"], c["meta"], c["params_hash"], c["parent_id"],
+            c["question"], c["source"]),
+        img_b, img_p, teacher, template,
+    ):
         meta = "{}" if not m or m == "{}" else canonical_json(json.loads(m))
-        b = img_b[i]
-        image = f'{{"digest":{_js(digest(b)) if b is not None else "null"},"path":{_js(img_p[i])}}}'
-        t, tp = teacher[i], template[i]
+        if b is None:
+            d = "null"
+        else:
+            d = dig.get(b)
+            if d is None:
+                d = dig[b] = '"' + digest(b) + '"'
         out.append(
-            f'{{"answer":{_js(c["answer"][i])},"caption":{_js(c["caption"][i])},"id":{enc(c["id"][i])},'
-            f'"image":{image},"key":{enc(c["key"][i])},"kind":{enc(c["kind"][i])},"meta":{meta},'
-            f'"params_hash":{enc(c["params_hash"][i])},"parent_id":{enc(c["parent_id"][i])},'
-            f'"question":{_js(c["question"][i])},"source":{_js(c["source"][i])},'
-            f'"teacher":{{"backend":{_js(t["backend"])},"model":{_js(t["model"])},"revision":{_js(t["revision"])}}},'
-            f'"template":{{"hash":{_js(tp["hash"])},"name":{_js(tp["name"])}}}}}'
+            f'{{"answer":{js(ans)},"caption":{js(cap)},"id":{enc(id_)},"image":{{"digest":{d},"path":{js(p)}}},'
+            f'"key":{enc(key)},"kind":{enc(kind)},"meta":{meta},"params_hash":{enc(ph)},"parent_id":{enc(par)},'
+            f'"question":{js(q)},"source":{js(src)},'
+            f'"teacher":{{"backend":{js(t["backend"])},"model":{js(t["model"])},"revision":{js(t["revision"])}}},'
+            f'"template":{{"hash":{js(tp["hash"])},"name":{js(tp["name"])}}}}}'
         )
     return out
 
