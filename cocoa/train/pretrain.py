@@ -37,7 +37,7 @@ from ..records import ImageRef, PairRecord, RecordError, canonical_json, digest
 
 IMAGE_PLACEHOLDER = "<|image_1|>"
 PRETRAIN_VERSION = 1
-DEFAULT_STEPS = 400
+DEFAULT_STEPS = 300
 METRICS_FILE = "pretrain_metrics.jsonl"
 
 CAPTION_PROMPTS = (

@@ -16,6 +16,7 @@ min/max pixels, and ``cocoa.json`` (:class:`cocoa.train.spec.EmbeddingSpec`).
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import os
@@ -399,24 +400,29 @@ def is_model_dir(path: Path) -> bool:
 def cached_build(final: Path, build) -> Path:  # type: ignore[no-untyped-def]
     """Run ``build(tmp_dir)`` in a temporary directory beside ``final`` and rename it into place.
 
-    If ``final`` already holds a complete model, return it. Concurrent builders are safe: the loser of
-    the rename race discards its copy.
+    If ``final`` already holds a complete model, return it. Concurrent callers serialise on a lock file
+    beside it (the second one finds the finished model); a reader never sees a half-written model.
     """
     if is_model_dir(final):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        build(tmp / "model")
-        if final.exists() and not is_model_dir(final):
-            shutil.rmtree(final, ignore_errors=True)  # a leftover from an interrupted old-style build
+    # One builder per key: a second process waits for the first instead of repeating the work.
+    with open(final.parent / f".{final.name}.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if is_model_dir(final):
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         try:
-            os.rename(tmp / "model", final)
-        except OSError:
-            if not is_model_dir(final):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            build(tmp / "model")
+            if final.exists() and not is_model_dir(final):
+                shutil.rmtree(final, ignore_errors=True)  # a leftover of an interrupted build
+            try:
+                os.rename(tmp / "model", final)
+            except OSError:
+                if not is_model_dir(final):
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
