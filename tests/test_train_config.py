@@ -43,7 +43,8 @@ def test_preset_precedence(tmp_path):
     y.write_text("stage3:\n  lr: 0.001\nlora:\n  r: 4\n")
     c = resolve_preset(TrainConfig.from_yaml(y, {"stage1": {"steps": 7}}))
     assert c.preset == "tiny" and c.lora.method == "full" and c.lora.r == 4
-    assert c.stage3.lr == 0.001 and c.stage1.steps == 7 and c.stage2.lr == 1e-4 and c.stage1.max_length == 256
+    assert c.stage3.lr == 0.001 and c.stage1.steps == 7 and c.stage2.lr == 3e-5 and c.stage1.max_length == 256
+    assert c.stage3.batch_size == 64 and c.stage3.temperature == 0.05
     # a real model: paper defaults unless asked
     p = resolve_preset(TrainConfig.build({"model": "some/dir"}))
     assert p.preset == "paper" and p.lora.method == "dora" and p.stage3.batch_size == 1024
