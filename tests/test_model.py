@@ -232,3 +232,32 @@ def test_call_filtered_handles_older_get_rope_index_signature():
     assert call_filtered(old_style, input_ids=1, mm_token_type_ids=2, image_grid_thw=3, attention_mask=4) == "ok"
     assert seen == {"input_ids": 1, "image_grid_thw": 3, "attention_mask": 4}
     assert "mm_token_type_ids" not in inspect.signature(old_style).parameters
+
+
+def test_call_filtered_drops_unnamed_kwargs_even_with_catch_all():
+    def fwd(input_ids=None, attention_mask=None, **kwargs):  # 5.17-style forward with a **kwargs catch-all
+        return kwargs
+
+    assert call_filtered(fwd, input_ids=1, attention_mask=2, mm_token_type_ids=3) == {}
+
+
+def test_qwen2_5_vl_wrapper_collaborative_and_stage1():
+    """The same wrapper on Qwen2.5-VL (window-attention ViT, same processor row order)."""
+    from cocoa.train.collate import Stage1Collator
+    from cocoa.train.tiny import tiny_model_dir
+
+    m = CocoaModel.from_pretrained(tiny_model_dir(arch="qwen2.5-vl")).eval()
+    assert type(m.base).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    ba = s2_batch(m, "What is the colour?", (200, 30, 30))
+    bb = s2_batch(m, "What is the shape?", (30, 30, 200))
+    e = int(ba["eos_pos"][0])
+    m1 = one_layer(m)
+    with torch.no_grad():
+        assert torch.allclose(m1.forward_hidden(ba, "collaborative")[0, e + 1 :],
+                              m1.forward_hidden(bb, "collaborative")[0, e + 1 :], atol=1e-6)
+        assert not torch.allclose(m.forward_hidden(ba, "collaborative")[0, e + 1 :],
+                                  m.forward_hidden(bb, "collaborative")[0, e + 1 :], atol=1e-5)
+    r = MixRecord(origin="original", origin_id="q25", stages=[1], image=ImageRef.from_pil(img((9, 9, 9))),
+                  text="a red circle on the left")
+    loss, metrics = m.stage1_loss(Stage1Collator(m.processor, m.spec, seed=0)([r]))
+    assert torch.isfinite(loss) and metrics["n_masked_units"] == 8 and metrics["mae"] > 0

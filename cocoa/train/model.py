@@ -54,13 +54,13 @@ def _model_class(model_type: str):  # type: ignore[no-untyped-def]
 
 
 def call_filtered(fn: Any, **kwargs: Any) -> Any:
-    """Call ``fn`` with only the keyword arguments its signature accepts (version-proof HF calls)."""
+    """Call ``fn`` with only the keyword arguments its signature names (version-proof HF calls).
+
+    A ``**kwargs`` catch-all does not count: transformers 5.17's forward would otherwise receive
+    ``mm_token_type_ids`` (a 5.24 argument) and push it down to the attention layers."""
     params = inspect.signature(fn).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        accepted = kwargs
-    else:
-        accepted = {k: v for k, v in kwargs.items() if k in params}
-    return fn(**accepted)
+    named = {k for k, p in params.items() if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    return fn(**{k: v for k, v in kwargs.items() if k in named})
 
 
 def ensure_mask_token(tokenizer: Any, model: Any, mask_token: str = "<|mask|>") -> int:
@@ -316,6 +316,9 @@ class CocoaModel(nn.Module):
             self.image_decoder = ImageDecoder(layers[idx], hidden, out_dim=merge**2 * patch_dim).to(
                 device=self.device, dtype=self.dtype
             )
+            # a full, trainable copy even when the LLM is frozen or LoRA-wrapped (call before PEFT wrapping
+            # to copy the plain layer)
+            self.image_decoder.requires_grad_(True)
         return self.image_decoder
 
     def stage1_loss(

@@ -314,7 +314,8 @@ def grad_cache_step(
        ``backward(cached_grad)`` accumulates the parameter gradients.
 
     Parameter ``.grad`` then equals that of ``loss_fn`` on the full batch (times ``scale``). Returns
-    ``(loss.detach(), metrics)``. Does not zero grads or step the optimizer.
+    ``(loss.detach(), metrics)``. Does not zero grads or step the optimizer. Under DDP, run all but the
+    last re-forward inside ``model.no_sync()`` (or accept one gradient all-reduce per chunk).
     """
     states: list[list[RandContext]] = []
     embs: list[list[torch.Tensor]] = []
