@@ -97,7 +97,7 @@ def test_stage3_loss_drops_with_grad_cache(tiny_model_dir, data):
         qc = [coll([(p.qry_text, p.qry_image) for p in chunk[j : j + BATCH // 2]]) for j in (0, BATCH // 2)]
         tc = [coll([(p.pos_text, None) for p in chunk[j : j + BATCH // 2]]) for j in (0, BATCH // 2)]
         batches.append((qc, tc))
-    losses = train(m, batches, lambda b: m.stage3_grad_cache_step(b[0], b[1], temperature=0.05))
+    losses = train(m, batches, lambda b: m.stage3_grad_cache_step(b[0], b[1], temperature=0.05), steps=20)
     first, last = drop(losses)
     print("loss first/last", first, last)
     assert last < 0.5 * first, (first, last)
