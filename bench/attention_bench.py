@@ -252,8 +252,8 @@ def step_bench(size_name: str, size: dict[str, Any], device: torch.device, dtype
     return rows
 
 
-def report(attn: list[dict], steps_rows: list[dict], out: Any = sys.stdout) -> None:
-    p = lambda s="": print(s, file=out)  # noqa: E731
+def report(attn: list[dict], steps_rows: list[dict], out: Any = None) -> None:
+    p = lambda s="": print(s, file=out or sys.stdout)  # noqa: E731
     if attn:
         p(f"attention alone ({attn[0]['mode']}, median ms; ratio vs causal SDPA)")
         p(f"{'L':>6} {'causal':>9} {'dense':>9} {'ratio':>6} {'flex':>9} {'ratio':>6} {'flex rel err':>12}")

@@ -68,7 +68,10 @@ def ensure_mask_token(tokenizer: Any, model: Any, mask_token: str = "<|mask|>") 
     id falls outside the (padded) embedding matrix. Returns the id."""
     vocab = tokenizer.get_vocab()
     if mask_token not in vocab:
-        tokenizer.add_special_tokens({"additional_special_tokens": [mask_token]}, replace_additional_special_tokens=False)
+        from transformers import AddedToken
+
+        # add_tokens(special_tokens=True) appends without replacing the existing additional special tokens
+        tokenizer.add_tokens([AddedToken(mask_token, special=True, normalized=False)], special_tokens=True)
     tid = int(tokenizer.convert_tokens_to_ids(mask_token))
     n_rows = model.get_input_embeddings().weight.shape[0]
     if tid >= n_rows:
