@@ -136,8 +136,13 @@ def test_tokenizer_round_trips_scenes_text(tiny_model_dir):
 
 def test_deterministic_and_cached(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("COCOA_CACHE", str(tmp_path / "cache"))
+    name = f"qwen2-vl-s0-{tiny.settings_key('qwen2-vl', seed=0)}"
+    stale = tmp_path / "cache" / "tiny" / f".{name}.tmp-killed" / "model"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half-written")
     d = tiny.tiny_model_dir("qwen2-vl", seed=0)
-    assert d.parent.parent == tmp_path / "cache"
+    assert d.parent.parent == tmp_path / "cache" and d.name == name
+    assert not stale.parent.exists()  # a killed builder's leftovers are cleared under the lock
     # same seed -> byte-identical files (weights, tokenizer, processor, spec)
     for f in sorted(p.name for p in tiny_model_dir.iterdir()):
         assert (d / f).read_bytes() == (tiny_model_dir / f).read_bytes(), f

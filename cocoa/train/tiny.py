@@ -411,6 +411,8 @@ def cached_build(final: Path, build) -> Path:  # type: ignore[no-untyped-def]
         fcntl.flock(lock, fcntl.LOCK_EX)
         if is_model_dir(final):
             return final
+        for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a builder that was killed
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         try:
             build(tmp / "model")
