@@ -1,0 +1,49 @@
+"""`make demo` end to end with minuscule sizes (`python -m cocoa.demo --fast`): every step through the real
+`cocoa-*` commands in subprocesses, ending with the score table and the report files."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+COMMANDS = [
+    "$ cocoa-data scenes",
+    "$ cocoa-data synth --source scenes",
+    "$ cocoa-data curate",
+    "$ cocoa-data mix --ratio 1:1",
+    "$ cocoa-train pretrain-tiny",
+    "$ cocoa-train --stages 1,2,3",
+    "$ cocoa-eval",
+]
+
+
+def _run_demo(root: Path, cache: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, COCOA_CACHE=str(cache), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return subprocess.run([sys.executable, "-m", "cocoa.demo", "--fast", "--quiet", "--root", str(root)],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.slow
+def test_fast_demo_runs_the_whole_pipeline(tmp_path):
+    root, cache = tmp_path / "demo", tmp_path / "cache"
+    r = _run_demo(root, cache)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = r.stdout
+    # every step printed its command before running it, in pipeline order
+    pos = [out.find(c) for c in COMMANDS]
+    assert all(p >= 0 for p in pos), [c for c, p in zip(COMMANDS, pos) if p < 0]
+    assert pos == sorted(pos)
+    assert "--eval-data" in out  # curation decontaminates against the benchmark's own eval sets
+    res = json.loads((root / "eval" / "results.json").read_text())
+    assert len(res["datasets"]) == 10 and {"IND", "OOD"} <= set(res["splits"])
+    assert res["overall"] is not None
+    assert {d.split("-")[0] for d in res["datasets"]} == {"SceneCls", "SceneVQA", "SceneT2I", "SceneI2T", "SceneGround"}
+    spec = json.loads((root / "runs" / "cocoa" / "stage3" / "model" / "cocoa.json").read_text())
+    assert spec["stages"] == [1, 2, 3]
+    base = json.loads((root / "base" / "cocoa.json").read_text())
+    assert base["extra"].get("pretrained") == "generative"
+    assert "total wall time" in out and str(root / "eval" / "results.md") in out
