@@ -90,9 +90,10 @@ class Settings:
     s3_batch: int = 32
     s3_lr: float = 3e-4
     s12_batch: int = 16
-    eval_every: int = 20
+    eval_every: int = 40
     eval_batch: int = 32
     extra_train_args: list[str] = field(default_factory=list)
+    extra_pretrain_args: list[str] = field(default_factory=list)
 
     def check(self) -> None:
         bad = [a for a in self.arms if a not in ARMS]
@@ -237,8 +238,17 @@ def prepare(paths: Paths, st: Settings, threads: int, plan: bool = False) -> dic
         log(f"base model: reusing {paths.base}")
     else:
         t["pretrain"] = sh(paths, ["cocoa-train", "pretrain-tiny", "--data", str(paths.scenes), "--steps",
-                                   str(st.pretrain_steps), "--out", str(paths.base), "--no-progress"],
+                                   str(st.pretrain_steps), "--out", str(paths.base), "--no-progress",
+                                   *st.extra_pretrain_args],
                            lg, threads=threads, note="generative pre-training of the tiny MLLM (cached)", plan=plan)
+    diag = paths.root / "base_image_dependence.json"
+    if not plan and not diag.is_file():
+        try:
+            d = image_dependence(paths.base)
+        except Exception as e:  # a diagnostic: report it missing rather than stop the experiment
+            d = {"error": f"{type(e).__name__}: {e}"}
+        atomic_json(diag, d)
+        log(f"base image dependence (held-out loss, true vs shuffled images): {d}")
     return t
 
 
@@ -257,6 +267,36 @@ def original_only_mix(paths: Paths) -> float:
                   provenance={"stage": "ablation-original-only", "from": str(paths.data / "mix"), "rows": len(rows)})
     log(f"original-only mixture: {len(rows)} of {len(src)} rows -> {paths.orig_mix}")
     return time.time() - t0
+
+
+def image_dependence(base: Path, n_pairs: int = 200, seed: int = 7) -> dict[str, Any]:
+    """Does the generatively pre-trained base read its images? Its held-out response loss with the right
+    images vs. with images shuffled across examples (the diagnostic of docs/models.md): no gap means a
+    language prior only. Uses fresh scenes (``seed``), never the benchmark's."""
+    import random
+    from dataclasses import replace
+
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from cocoa.datagen.sources import scenes
+    from cocoa.train import pretrain as P
+
+    model = AutoModelForImageTextToText.from_pretrained(str(base)).eval()
+    proc = AutoProcessor.from_pretrained(str(base))
+    batcher = P._Batcher(proc, "<|endoftext|>", 256, None)
+    out: dict[str, Any] = {"pairs": n_pairs, "seed": seed}
+    recs = list(scenes.iter_train_pairs(n_pairs, seed=seed))
+    for kind in ("caption", "pair"):
+        exs = [e for r in recs for e in P.examples_from_record(r) if e.kind == kind][:64]
+        imgs = [e.image for e in exs]
+        random.Random(0).shuffle(imgs)
+        for name, ex in (("true", exs), ("shuffled", [replace(e, image=i) for e, i in zip(exs, imgs)])):
+            with torch.no_grad():
+                losses = [P.response_loss(model, batcher(ex[i:i + 16])).item() for i in range(0, len(ex), 16)]
+            out[f"{kind}_{name}"] = round(sum(losses) / len(losses), 4)
+        out[f"{kind}_gap"] = round(out[f"{kind}_shuffled"] - out[f"{kind}_true"], 4)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -406,9 +446,8 @@ def flat(r: dict[str, Any]) -> dict[str, Any]:
 # scheduling
 # ---------------------------------------------------------------------------------------------------
 def schedule(paths: Paths, st: Settings, jobs: int, threads: int, plan: bool = False) -> None:
-    todo = [(a, s) for s in st.seeds for a in st.arms]
-    # longest first: the arms with more stages, so the pool does not end with one long run alone
-    todo.sort(key=lambda x: -len(ARMS[x[0]][0]))
+    # seed by seed (a shrunk experiment keeps whole seeds), within a seed the arms with more stages first
+    todo = [(a, s) for s in st.seeds for a in sorted(st.arms, key=lambda a: -len(ARMS[a][0]))]
     pending = [(a, s) for a, s in todo if not (paths.run_dir(run_name(a, s)) / "result.json").is_file()]
     done = len(todo) - len(pending)
     if done:
@@ -478,6 +517,13 @@ def build_report(paths: Paths, st: Settings, prep_seconds: dict[str, float] | No
     res = load_results(paths, st)
     rep: dict[str, Any] = {"settings": asdict(st), "arms": {}, "comparisons": {}, "machine": machine(),
                            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    diag = paths.root / "base_image_dependence.json"
+    if diag.is_file():
+        rep["base_image_dependence"] = json.loads(diag.read_text())
+    if (paths.base / "cocoa.json").is_file():
+        ex = json.loads((paths.base / "cocoa.json").read_text()).get("extra", {})
+        rep["base"] = {k: ex.get(k) for k in ("steps", "lr", "batch_size", "examples", "loss_first", "loss_last",
+                                              "seconds", "num_parameters")}
     if prep_seconds:
         rep["prepare_seconds"] = {k: round(v, 1) for k, v in prep_seconds.items()}
     for view, step_of in (("same_stage3_budget", lambda a: st.s3_steps), ("same_total_budget", lambda a: equal_total_step(st, a))):
@@ -617,16 +663,16 @@ def plot_curves(paths: Paths, st: Settings, png: Path) -> Path | None:
             ax.plot([x + shift for x in xs], m, marker="o", ms=3, **kw)
             ax.fill_between([x + shift for x in xs], [a_ - b for a_, b in zip(m, s)], [a_ + b for a_, b in zip(m, s)],
                             color=colors.get(a), alpha=0.12)
-        for split, ls in (("IND", "-"), ("OOD", ":")):
+        for split, ls in (("IND", "-"), ("OOD", ":")) if a in ("s3", "s123") else ():
             vals = [mean_std([r["curve"][x][split] for r in res[a].values() if x in r["curve"]])[0] for x in xs]
             axes[2].plot(xs, [100 * v for v in vals], color=colors.get(a), ls=ls, lw=1.3,
-                         label=f"{ARMS[a][1]} {split}" if a in ("s3", "s123") else None)
+                         label=f"{ARMS[a][1]} {split}")
     axes[0].set_title(f"(a) overall P@1 vs stage-3 steps (mean ± std, {len(st.seeds)} seeds)")
     axes[0].set_xlabel("stage-3 step")
     axes[1].set_title("(b) overall P@1 vs total steps (stages 1+2+3)")
     axes[1].set_xlabel("total training steps")
     axes[1].axvline(st.s3_steps, color="gray", lw=0.8, ls=":")
-    axes[2].set_title("IND (solid) vs OOD (dotted) P@1 vs stage-3 steps")
+    axes[2].set_title("baseline vs CoCoA: IND (solid) and OOD (dotted) P@1")
     axes[2].set_xlabel("stage-3 step")
     for ax in axes:
         ax.set_ylabel("P@1 (%)")
@@ -662,6 +708,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--s3-lr", type=float, default=None, help=f"default {d.s3_lr:g}")
     p.add_argument("--train-arg", action="append", default=[], help="extra cocoa-train flag (repeatable), e.g. "
                    "--train-arg=--stage2-lr=3e-5")
+    p.add_argument("--pretrain-arg", action="append", default=[], help="extra cocoa-train pretrain-tiny flag "
+                   "(repeatable), e.g. --pretrain-arg=--lr=3e-4")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -681,12 +729,15 @@ def settings_from(args: argparse.Namespace, paths: Paths) -> Settings:
         over["arms"] = [x.strip() for x in args.arms.split(",") if x.strip()]
     if args.train_arg:
         over["extra_train_args"] = list(args.train_arg)
+    if args.pretrain_arg:
+        over["extra_pretrain_args"] = list(args.pretrain_arg)
     st = Settings(**over)
     st.check()
     if paths.settings.is_file() and not args.plan:
         old = Settings(**json.loads(paths.settings.read_text()))
-        if asdict(old) != asdict(st):
-            changed = sorted(k for k in asdict(st) if asdict(st)[k] != asdict(old)[k])
+        free = ("seeds", "arms")  # runs are per (arm, seed): adding or dropping some changes no other run
+        changed = sorted(k for k in asdict(st) if k not in free and asdict(st)[k] != asdict(old)[k])
+        if changed:
             raise SystemExit(f"{paths.root} holds an experiment with other settings ({', '.join(changed)} differ); "
                              "use another --root, or the same settings to resume it")
     return st
