@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
 
 import click
 
 from ..config import config_options
 from ..eval.evaluator import EvalConfig
-from ..records import RecordError
-
-
-class _Command(click.Command):
-    """Turns cocoa's own errors into one clear line and exit status 1 (as CocoaGroup does for groups)."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except RecordError as e:
-            raise click.ClickException(str(e)) from None
-        except FileNotFoundError as e:
-            raise click.ClickException(f"{e.filename or e}: no such file or directory") from None
+from .common import CocoaCommand
 
 
 EPILOG = """\b
@@ -37,7 +24,7 @@ added datasets encode only what is new.
 """
 
 
-@click.command(cls=_Command, epilog=EPILOG,
+@click.command(cls=CocoaCommand, epilog=EPILOG,
                context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @config_options(EvalConfig)
 def cli(config: EvalConfig) -> None:
