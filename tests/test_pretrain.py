@@ -49,6 +49,11 @@ def test_short_run_lowers_the_loss_and_reloads(pretrained):
     assert spec.stages == [] and spec.extra["pretrained"] == "generative" and spec.extra["steps"] == 40
     assert spec.extra["examples_by_kind"]["caption"] == 24 and spec.extra["skipped_too_long"] == 0
     assert spec.eos_token_id == 0 and spec.mask_token_id == 7
+    # the end-of-run check that the model uses the image: held-out loss with right vs. shuffled images
+    gap = spec.extra["image_gap"]
+    assert set(gap) == {"pair", "caption", "objects"}
+    for v in gap.values():
+        assert v["right"] > 0 and v["shuffled"] > 0 and v["ratio"] == pytest.approx(v["shuffled"] / v["right"], abs=2e-3)
     model = AutoModelForImageTextToText.from_pretrained(d)
     proc = AutoProcessor.from_pretrained(d)
     assert type(model).__name__ == "Qwen2VLForConditionalGeneration" and proc.tokenizer.pad_token == "<|endoftext|>"
@@ -69,7 +74,7 @@ def test_second_call_hits_the_cache(pretrained, pairs_root, monkeypatch):
             "--batch-size", "8", "--lr", "0.002", "--no-progress", "--out", str(out)]
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
-    assert "cached model" in res.output and "loss" in res.output
+    assert "cached model" in res.output and "loss" in res.output and "image gap" in res.output
     assert (out / "model.safetensors").read_bytes() == (d / "model.safetensors").read_bytes()
     # other settings are another model (the key covers steps, seed, lr...)
     assert P.cache_key(P.PretrainConfig(steps=41, base=kw["base"]), "k") != P.cache_key(P.PretrainConfig(steps=40, base=kw["base"]), "k")
@@ -83,7 +88,7 @@ def test_examples_and_labels_cover_only_the_response(pairs_root, tiny_model_dir)
     recs, root = P.load_records(pairs_root, P.PretrainConfig())
     exs = [e for r in recs for e in P.examples_from_record(r)]
     kinds = {e.kind for e in exs}
-    assert kinds == {"pair", "caption", "grounding"}
+    assert kinds == {"pair", "caption", "grounding", "count", "objects"}
     # text-positive pairs keep their text; image-positive pairs (t2i retrieval, grounding) give no "pair"
     for r in recs:
         got = [e for e in P.examples_from_record(r) if e.kind == "pair"]
@@ -116,6 +121,32 @@ def test_describe_scene():
     assert "The red cube is left of the blue sphere." in cap
     with pytest.raises(RecordError, match="scene graph"):
         P.describe_scene({"objects": [{"shape": "cube"}]}, random.Random(0))
+    # objects are listed in reading order (top band first, then left to right), whatever the graph's order:
+    # the image determines every word of the caption
+    flipped = {"objects": scene["objects"][::-1], "relations": []}
+    assert P.describe_scene(flipped, random.Random(0)).startswith("2 objects: a large metallic red cube")
+    three = {"objects": [dict(scene["objects"][1], y=0.9), dict(scene["objects"][0], x=0.9), scene["objects"][0]]}
+    assert P.describe_objects(three) == "red cube, red cube, blue sphere"
+    assert [o["x"] for o in P.reading_order(three["objects"])] == [0.2, 0.9, 0.8]
+
+
+def test_image_gap_sees_a_model_that_reads_the_image(tiny_model_dir):
+    """image_gap really swaps the images: the random-init model's loss changes when they are shuffled,
+    and the ratio is exactly 1 once the image features are zeroed (a model that cannot see)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    proc = AutoProcessor.from_pretrained(tiny_model_dir)
+    exs = P.heldout_examples(n_scenes=8)
+    assert {e.kind for e in exs} == {"pair", "caption", "objects"}
+    seeing = P.image_gap(model, proc, "<|endoftext|>", exs, per_kind=8, batch_size=8)
+    assert any(abs(v["shuffled"] - v["right"]) > 1e-4 for v in seeing.values()), seeing
+    with torch.no_grad():
+        for p in model.model.visual.merger.mlp[2].parameters():
+            p.zero_()
+    blind = P.image_gap(model, proc, "<|endoftext|>", exs, per_kind=8, batch_size=8)
+    assert set(blind) == {"pair", "caption", "objects"}
+    assert all(v["ratio"] == pytest.approx(1.0, abs=1e-4) for v in blind.values()), blind
 
 
 def test_bad_input(tmp_path, tiny_model_dir):

@@ -70,6 +70,7 @@ def pretrain_tiny(config: PretrainConfig) -> None:
     With --out the cached model is also copied there. Loss per step: pretrain_metrics.jsonl in the model.
     """
     from ..train.pretrain import pretrained_tiny_dir, read_metrics
+    from ..train.spec import EmbeddingSpec
 
     if config.out:
         out = Path(config.out)
@@ -83,6 +84,10 @@ def pretrain_tiny(config: PretrainConfig) -> None:
         first = sum(r["loss"] for r in rows[:k]) / k
         last = sum(r["loss"] for r in rows[-k:]) / k
         c.print(f"generative pre-training: {len(rows)} steps, loss {first:.3f} (first {k}) -> {last:.3f} (last {k})")
+    gap = EmbeddingSpec.load(d).extra.get("image_gap") or {}
+    if gap:  # held-out loss with the right vs. shuffled images: a ratio of 1.00 means it ignores the image
+        c.print("image gap (held-out loss right -> shuffled images): " + ", ".join(
+            f"{k} {v['right']:.3f} -> {v['shuffled']:.3f} (x{v['ratio']:.2f})" for k, v in gap.items()))
     c.print(f"cached model: {d}")
     if config.out:
         tmp = out.parent / f".{out.name}.tmp-copy"

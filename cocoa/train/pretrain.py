@@ -26,7 +26,7 @@ import json
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,10 +36,14 @@ from ..config import Config
 from ..records import ImageRef, PairRecord, RecordError, canonical_json, digest
 
 IMAGE_PLACEHOLDER = "<|image_1|>"
-PRETRAIN_VERSION = 1
+PRETRAIN_VERSION = 2
 DEFAULT_STEPS = 300
 METRICS_FILE = "pretrain_metrics.jsonl"
 
+SHORT_KINDS = ("count", "objects", "pair")  # curriculum: short answers the image alone determines
+SHORT_CHARS = 48  # longer "pair" responses (retrieval captions) wait for the full mix
+COUNT_PROMPT = "How many objects are in the image?"
+OBJECTS_PROMPT = "Name the objects from top left to bottom right."
 CAPTION_PROMPTS = (
     "Describe the image in detail.",
     "Give a detailed caption of this scene.",
@@ -63,6 +67,9 @@ class PretrainConfig(Config):
     warmup: float = Field(0.05, ge=0, lt=1, description="fraction of steps of linear warm-up")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
     grad_clip: float = Field(1.0, gt=0, description="gradient-norm clipping")
+    curriculum: float = Field(
+        0.3, ge=0, lt=1, description="fraction of the steps, at the start, trained only on short image-only answers "
+                                     "(object count, objects in reading order, labels/answers); 0 = mix from step 1")
     max_length: int = Field(160, ge=32, description="longest sequence in tokens (longer examples are skipped and counted)")
     scenes_train: int = Field(4000, ge=1, description="scenes training pairs to generate when --data is not given")
     overwrite: bool = Field(False, description="replace an existing --out directory")
@@ -101,7 +108,7 @@ def describe_scene(scene: dict[str, Any], rng: random.Random, max_relations: int
         objs = list(scene["objects"])
         if not objs:
             raise ValueError("no objects")
-        parts = [f"{_a(_obj_phrase(o))} {_where(o)}" for o in objs]
+        parts = [f"{_a(_obj_phrase(o))} {_where(o)}" for o in reading_order(objs)]
     except (KeyError, TypeError, ValueError) as e:
         raise RecordError(f"meta['scene'] is not a scene graph ({type(e).__name__}: {e}); "
                           "expected Scene.to_dict() output with objects") from None
@@ -118,6 +125,25 @@ def describe_scene(scene: dict[str, Any], rng: random.Random, max_relations: int
     if over:
         text += f" {len(over)} pair{'s' if len(over) != 1 else ''} of objects overlap."
     return text
+
+
+def _band(o: dict[str, Any]) -> int:
+    y = float(o["y"])
+    return 0 if y < 0.37 else 2 if y > 0.63 else 1
+
+
+def reading_order(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The objects top band first, left to right within a band (the order the captions list them in).
+
+    The scene generator's object order is arbitrary; a caption that followed it would ask the model to
+    guess which object comes first, which the image cannot tell: in reading order every word of the
+    caption is determined by the image."""
+    return sorted(objs, key=lambda o: (_band(o), float(o["x"]), float(o["y"])))
+
+
+def describe_objects(scene: dict[str, Any]) -> str:
+    """The short image-only answer: colour and shape of every object in reading order."""
+    return ", ".join(f"{o['color']} {o['shape']}" for o in reading_order(list(scene["objects"])))
 
 
 def describe_target(scene: dict[str, Any], i: int) -> str:
@@ -148,6 +174,9 @@ def examples_from_record(rec: PairRecord, seed: int = 0) -> list[Example]:
         if img is not None:
             rng = random.Random(digest(f"{seed}:{rec.id}"))
             out.append(Example(img, rng.choice(CAPTION_PROMPTS), describe_scene(scene, rng), "caption", rec.id))
+            n = len(scene.get("objects", []))
+            out.append(Example(img, COUNT_PROMPT, str(n), "count", rec.id))
+            out.append(Example(img, OBJECTS_PROMPT, describe_objects(scene), "objects", rec.id))
             target = rec.meta.get("target")
             if rec.qry_image is not None and isinstance(target, int) and 0 <= target < len(scene.get("objects", [])):
                 out.append(Example(rec.qry_image, rec.qry_text, describe_target(scene, target), "grounding", rec.id))
@@ -267,7 +296,8 @@ def _model_key(path: Path) -> str:
 
 
 def _settings(config: PretrainConfig) -> dict[str, Any]:
-    keep = ("steps", "arch", "seed", "batch_size", "lr", "warmup", "weight_decay", "grad_clip", "max_length")
+    keep = ("steps", "arch", "seed", "batch_size", "lr", "warmup", "weight_decay", "grad_clip", "max_length",
+            "curriculum")
     return {k: getattr(config, k) for k in keep}
 
 
@@ -330,6 +360,11 @@ def pretrain(config: PretrainConfig, out_dir: str | Path, *, records: list[PairR
     sched = get_cosine_schedule_with_warmup(opt, max(1, int(config.warmup * config.steps)), config.steps)
     order_rng = random.Random(config.seed)
     order: list[list[int]] = []
+    # Curriculum: the first steps see only short answers that only the image can give; with the captions
+    # from step 1 the LM learns the captions' language (most of their tokens) and never starts looking.
+    short = [i for i, ex in enumerate(kept) if ex.kind in SHORT_KINDS and len(ex.response) <= SHORT_CHARS]
+    short_steps = int(config.curriculum * config.steps) if short else 0
+    short_order: list[list[int]] = []
 
     tmp = out.parent / f".{out.name}.tmp-{int(time.time() * 1000)}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -340,9 +375,15 @@ def pretrain(config: PretrainConfig, out_dir: str | Path, *, records: list[PairR
         with open(tmp / METRICS_FILE, "w") as mf, _progress(config.progress, console) as prog:
             task = prog.add_task("pre-training", total=config.steps, loss=float("nan"))
             for step in range(1, config.steps + 1):
-                if not order:
-                    order = _length_grouped_batches(lengths, config.batch_size, order_rng)
-                idx = order.pop()
+                if step <= short_steps:
+                    if not short_order:
+                        short_order = [[short[j] for j in b] for b in _length_grouped_batches(
+                            [lengths[i] for i in short], config.batch_size, order_rng)]
+                    idx = short_order.pop()
+                else:
+                    if not order:
+                        order = _length_grouped_batches(lengths, config.batch_size, order_rng)
+                    idx = order.pop()
                 ts = time.perf_counter()
                 batch = batcher([kept[i] for i in idx])
                 loss = response_loss(model, batch)
@@ -363,6 +404,8 @@ def pretrain(config: PretrainConfig, out_dir: str | Path, *, records: list[PairR
                 prog.update(task, advance=1, loss=sum(losses[-10:]) / len(losses[-10:]))
         elapsed = time.perf_counter() - t0
         model.eval()
+        # Does it see? Held-out loss with the right vs. shuffled images (a ratio of 1.00: it does not).
+        gap = image_gap(model, processor, spec.eos_token, heldout_examples())
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         k = min(20, len(losses))
@@ -372,7 +415,7 @@ def pretrain(config: PretrainConfig, out_dir: str | Path, *, records: list[PairR
             "base": str(config.base or f"tiny {config.arch} seed {config.seed}"), "data_key": dkey,
             "examples": len(kept), "examples_by_kind": kinds, "skipped_too_long": skipped,
             "loss_first": round(sum(losses[:k]) / k, 5), "loss_last": round(sum(losses[-k:]) / k, 5),
-            "seconds": round(elapsed, 1),
+            "seconds": round(elapsed, 1), "curriculum_steps": short_steps, "image_gap": gap,
         })
         EmbeddingSpec(**{**spec.model_dump(), "stages": [], "extra": extra,
                          "base_model": spec.base_model + " + generative pre-training"}).save(tmp)
@@ -417,6 +460,49 @@ def response_loss(model, batch: dict[str, Any]):  # type: ignore[no-untyped-def]
     sel = target != -100
     logits = model.lm_head(hidden[:, :-1][sel])
     return F.cross_entropy(logits.float(), target[sel])
+
+
+def heldout_examples(n_scenes: int = 96, seed: int = 7) -> list[Example]:
+    """Held-out scenes examples (a generator seed the default training data never uses): the text-positive
+    answers and the detailed captions, for :func:`image_gap`."""
+    from ..datagen.sources import scenes
+
+    return [ex for rec in scenes.iter_train_pairs(n_scenes, seed=seed) for ex in examples_from_record(rec)
+            if ex.kind in ("pair", "caption", "objects")]
+
+
+def image_gap(model, processor, eos_token: str, examples: list[Example], *, per_kind: int = 48,  # type: ignore[no-untyped-def]
+              batch_size: int = 16, image_root: Path | None = None, seed: int = 0) -> dict[str, Any]:
+    """Does the model use the image? Response loss with the right images vs. with the images shuffled
+    among the examples, per example kind: ``{kind: {"right": .., "shuffled": .., "ratio": shuffled/right}}``.
+    A ratio of 1.00 means the image carries no information the model uses."""
+    import torch
+
+    batcher = _Batcher(processor, eos_token, 10**6, image_root)
+    was_training = model.training
+    model.eval()
+    out: dict[str, Any] = {}
+    try:
+        with torch.no_grad():
+            for kind in sorted({ex.kind for ex in examples}):
+                exs = [ex for ex in examples if ex.kind == kind][:per_kind]
+                if len(exs) < 2:
+                    continue
+                imgs = [ex.image for ex in exs]
+                random.Random(seed).shuffle(imgs)
+                shuffled = [replace(ex, image=im) for ex, im in zip(exs, imgs)]
+                res = {}
+                for name, batch_exs in (("right", exs), ("shuffled", shuffled)):
+                    tot = 0.0
+                    for i in range(0, len(batch_exs), batch_size):
+                        chunk = batch_exs[i:i + batch_size]
+                        tot += float(response_loss(model, batcher(chunk))) * len(chunk)
+                    res[name] = round(tot / len(batch_exs), 4)
+                res["ratio"] = round(res["shuffled"] / max(res["right"], 1e-9), 3)
+                out[kind] = res
+    finally:
+        model.train(was_training)
+    return out
 
 
 def _image_size(ref: ImageRef, root: Path | None) -> tuple[int, int]:
@@ -497,4 +583,5 @@ def loss_curve(model_dir: str | Path, every: int = 25) -> list[tuple[int, float]
 
 
 __all__ = ["PretrainConfig", "pretrain", "pretrained_tiny_dir", "describe_scene", "examples_from_record",
+           "image_gap", "heldout_examples", "reading_order",
            "loss_curve", "read_metrics", "data_key", "load_records"]
