@@ -523,7 +523,7 @@ def build_report(paths: Paths, st: Settings, prep_seconds: dict[str, float] | No
     if (paths.base / "cocoa.json").is_file():
         ex = json.loads((paths.base / "cocoa.json").read_text()).get("extra", {})
         rep["base"] = {k: ex.get(k) for k in ("steps", "lr", "batch_size", "examples", "loss_first", "loss_last",
-                                              "seconds", "num_parameters")}
+                                              "seconds", "num_parameters", "curriculum", "image_gap")}
     if prep_seconds:
         rep["prepare_seconds"] = {k: round(v, 1) for k, v in prep_seconds.items()}
     for view, step_of in (("same_stage3_budget", lambda a: st.s3_steps), ("same_total_budget", lambda a: equal_total_step(st, a))):
