@@ -29,7 +29,7 @@ def pretrained(pairs_root, tiny_model_dir, tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     mp = pytest.MonkeyPatch()
     mp.setenv("COCOA_CACHE", str(cache))
-    kw = dict(base=str(tiny_model_dir), batch_size=8, lr=2e-3, progress=False)
+    kw = dict(base=str(tiny_model_dir), batch_size=8, lr=2e-3, curriculum=0.25, progress=False)
     d = P.pretrained_tiny_dir(pairs_root, steps=40, seed=0, **kw)
     yield d, kw, cache
     mp.undo()
@@ -47,6 +47,7 @@ def test_short_run_lowers_the_loss_and_reloads(pretrained):
     assert all(r["grad_norm"] >= 0 and r["tokens"] > 0 for r in rows)
     spec = EmbeddingSpec.load(d)
     assert spec.stages == [] and spec.extra["pretrained"] == "generative" and spec.extra["steps"] == 40
+    assert spec.extra["curriculum_steps"] == 10  # 0.25 x 40 steps of short image-only answers first
     assert spec.extra["examples_by_kind"]["caption"] == 24 and spec.extra["skipped_too_long"] == 0
     assert spec.eos_token_id == 0 and spec.mask_token_id == 7
     # the end-of-run check that the model uses the image: held-out loss with right vs. shuffled images
@@ -71,7 +72,7 @@ def test_second_call_hits_the_cache(pretrained, pairs_root, monkeypatch):
 
     out = cache.parent / "copy"
     args = ["pretrain-tiny", "--data", str(pairs_root), "--steps", "40", "--seed", "0", "--base", kw["base"],
-            "--batch-size", "8", "--lr", "0.002", "--no-progress", "--out", str(out)]
+            "--batch-size", "8", "--lr", "0.002", "--curriculum", "0.25", "--no-progress", "--out", str(out)]
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
     assert "cached model" in res.output and "loss" in res.output and "image gap" in res.output
