@@ -68,7 +68,7 @@ class PretrainConfig(Config):
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
     grad_clip: float = Field(1.0, gt=0, description="gradient-norm clipping")
     curriculum: float = Field(
-        0.5, ge=0, lt=1, description="fraction of the steps, at the start, trained only on short image-only answers "
+        0.6, ge=0, lt=1, description="fraction of the steps, at the start, trained only on short image-only answers "
                                      "(object count, objects in reading order, labels/answers); 0 = mix from step 1")
     max_length: int = Field(160, ge=32, description="longest sequence in tokens (longer examples are skipped and counted)")
     scenes_train: int = Field(4000, ge=1, description="scenes training pairs to generate when --data is not given")
