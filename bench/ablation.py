@@ -445,9 +445,43 @@ def flat(r: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------
 # scheduling
 # ---------------------------------------------------------------------------------------------------
+PRIORITY = ["s123", "s3", "s123-orig", "s13", "s23"]
+
+
+class _External:
+    """A worker started by an earlier scheduler: alive while its /proc entry is."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def poll(self) -> int | None:
+        return None if Path(f"/proc/{self.pid}").exists() else 0
+
+
+def live_workers(paths: Paths) -> dict[str, int]:
+    """Running ``--worker`` processes of this experiment (same ``--root``), by run name (Linux /proc)."""
+    out: dict[str, int] = {}
+    root = paths.root.resolve()
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            args = (d / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            cwd = Path(os.readlink(d / "cwd"))
+        except OSError:
+            continue
+        if int(d.name) == os.getpid() or not any(a.endswith("ablation.py") for a in args) or "--worker" not in args:
+            continue
+        try:
+            r = Path(args[args.index("--root") + 1])
+        except (ValueError, IndexError):
+            continue
+        if (cwd / r).resolve() == root:
+            out[args[args.index("--worker") + 1]] = int(d.name)
+    return out
+
+
 def schedule(paths: Paths, st: Settings, jobs: int, threads: int, plan: bool = False) -> None:
-    # seed by seed (a shrunk experiment keeps whole seeds), within a seed the arms with more stages first
-    todo = [(a, s) for s in st.seeds for a in sorted(st.arms, key=lambda a: -len(ARMS[a][0]))]
+    # seed by seed (a shrunk experiment keeps whole seeds); within a seed the key pair (CoCoA, baseline) first
+    todo = [(a, s) for s in st.seeds for a in sorted(st.arms, key=PRIORITY.index)]
     pending = [(a, s) for a, s in todo if not (paths.run_dir(run_name(a, s)) / "result.json").is_file()]
     done = len(todo) - len(pending)
     if done:
@@ -456,8 +490,13 @@ def schedule(paths: Paths, st: Settings, jobs: int, threads: int, plan: bool = F
         for a, s in pending:
             print(f"$ {shlex.join(train_command(paths, st, a, s))}")
         return
-    running: dict[str, tuple[subprocess.Popen, float, Any]] = {}
+    running: dict[str, tuple[Any, float, Any]] = {}
     failed: list[str] = []
+    # workers of an earlier scheduler that are still running (this one was restarted): wait for them
+    for name, pid in live_workers(paths).items():
+        running[name] = (_External(pid), time.time(), None)
+        pending = [(a, s) for a, s in pending if run_name(a, s) != name]
+        log(f"adopted {name}: its worker (pid {pid}) is still running")
     me = [sys.executable, str(Path(__file__).resolve()), "--root", str(paths.root), "--threads", str(threads)]
     while pending or running:
         while pending and len(running) < jobs:
@@ -473,9 +512,10 @@ def schedule(paths: Paths, st: Settings, jobs: int, threads: int, plan: bool = F
             rc = p.poll()
             if rc is None:
                 continue
-            lf.close()
+            if lf is not None:
+                lf.close()
             del running[name]
-            if rc == 0:
+            if rc == 0 and (paths.run_dir(name) / "result.json").is_file():
                 r = json.loads((paths.run_dir(name) / "result.json").read_text())
                 log(f"finished {name} in {time.time() - t0:.0f}s: P@1 {r['final']['overall']:.3f}")
             else:
@@ -516,6 +556,7 @@ def equal_total_step(st: Settings, arm: str) -> int:
 def build_report(paths: Paths, st: Settings, prep_seconds: dict[str, float] | None = None) -> dict[str, Any]:
     res = load_results(paths, st)
     rep: dict[str, Any] = {"settings": asdict(st), "arms": {}, "comparisons": {}, "machine": machine(),
+                           "chance_overall": chance_level(paths),
                            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     diag = paths.root / "base_image_dependence.json"
     if diag.is_file():
@@ -637,6 +678,16 @@ def report_markdown(rep: dict[str, Any], st: Settings) -> str:
     return "\n".join(lines)
 
 
+def chance_level(paths: Paths) -> float | None:
+    """Overall P@1 of a random ranking: the mean over datasets of 1 / (mean candidates per query)."""
+    for f in sorted(paths.runs.glob("*/evals/step-000000/results.json")):
+        ds = json.loads(f.read_text()).get("datasets") or {}
+        vals = [1.0 / d["n_candidates"] for d in ds.values() if d.get("n_candidates")]
+        if vals:
+            return sum(vals) / len(vals)
+    return None
+
+
 def plot_curves(paths: Paths, st: Settings, png: Path) -> Path | None:
     rep = json.loads(paths.report_json.read_text()) if paths.report_json.is_file() else build_report(paths, st)
     if not rep["arms"]:
@@ -667,7 +718,12 @@ def plot_curves(paths: Paths, st: Settings, png: Path) -> Path | None:
             vals = [mean_std([r["curve"][x][split] for r in res[a].values() if x in r["curve"]])[0] for x in xs]
             axes[2].plot(xs, [100 * v for v in vals], color=colors.get(a), ls=ls, lw=1.3,
                          label=f"{ARMS[a][1]} {split}")
-    axes[0].set_title(f"(a) overall P@1 vs stage-3 steps (mean ± std, {len(st.seeds)} seeds)")
+    chance = chance_level(paths)
+    if chance is not None:
+        for ax in axes:
+            ax.axhline(100 * chance, color="gray", lw=1, ls="--")
+        axes[0].text(1, 100 * chance, " chance", va="bottom", fontsize=8, color="gray")
+    axes[0].set_title("(a) overall P@1 vs stage-3 steps (mean ± std over seeds)")
     axes[0].set_xlabel("stage-3 step")
     axes[1].set_title("(b) overall P@1 vs total steps (stages 1+2+3)")
     axes[1].set_xlabel("total training steps")
