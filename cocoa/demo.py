@@ -76,6 +76,18 @@ def _complete(dataset_dir: Path) -> bool:
         return False
 
 
+def _shard_digests(*dataset_dirs: Path) -> list[list[str]]:
+    """The sha256 of every shard of each dataset (from its manifest): what a later step was built from."""
+    out = []
+    for d in dataset_dirs:
+        try:
+            m = json.loads((d / "manifest.json").read_text())
+            out.append(sorted(s["sha256"] for s in m.get("shards", [])))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            out.append([])
+    return out
+
+
 class Demo:
     def __init__(self, root: Path, sizes: Sizes, quiet: bool = False) -> None:
         self.root = root
@@ -138,13 +150,15 @@ class Demo:
                   str(self.shards), "--no-progress"], "synth")
 
         self.step("curation (decontaminated against the benchmark's eval sets) and the 1:1 mixture")
-        mix, syn = self.shards / "mix" / "manifest.json", self.shards / "synthetic" / "manifest.json"
-        if _complete(self.shards / "mix") and mix.stat().st_mtime >= syn.stat().st_mtime:
-            self.reuse("curate + mix", f"{self.shards / 'curated'} and {self.shards / 'mix'} (newer than synthetic/)")
+        stamp = self.root / ".mix-inputs.json"  # the synthetic + original shards the mixture was made from
+        inputs = _shard_digests(self.shards / "synthetic", self.shards / "original")
+        if _complete(self.shards / "mix") and stamp.is_file() and json.loads(stamp.read_text()) == inputs:
+            self.reuse("curate + mix", f"{self.shards / 'curated'} and {self.shards / 'mix'} (same synthetic/original)")
         else:
             self.cmd(["cocoa-data", "curate", "--data", str(self.shards), "--eval-data", str(self.scenes / "eval"),
                       "--no-progress"], "curate")
             self.cmd(["cocoa-data", "mix", "--ratio", "1:1", "--data", str(self.shards), "--no-progress"], "mix")
+            stamp.write_text(json.dumps(inputs))
 
         self.step("tiny MLLM, generatively pre-trained (causal next-token captioning + QA; cached)")
         if (self.base / "cocoa.json").is_file():
