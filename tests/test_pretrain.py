@@ -29,7 +29,8 @@ def pretrained(pairs_root, tiny_model_dir, tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     mp = pytest.MonkeyPatch()
     mp.setenv("COCOA_CACHE", str(cache))
-    kw = dict(base=str(tiny_model_dir), batch_size=8, lr=2e-3, curriculum=0.25, progress=False)
+    kw = dict(base=str(tiny_model_dir), batch_size=8, lr=2e-3, curriculum=0.25, align_steps=6, align_batch_size=8,
+              progress=False)
     d = P.pretrained_tiny_dir(pairs_root, steps=40, seed=0, **kw)
     yield d, kw, cache
     mp.undo()
@@ -48,6 +49,11 @@ def test_short_run_lowers_the_loss_and_reloads(pretrained):
     spec = EmbeddingSpec.load(d)
     assert spec.stages == [] and spec.extra["pretrained"] == "generative" and spec.extra["steps"] == 40
     assert spec.extra["curriculum_steps"] == 10  # 0.25 x 40 steps of short image-only answers first
+    # the vision tower was aligned contrastively first (captions of the 24 scenes), scored on held-out captions
+    al = spec.extra["vision_align"]
+    assert al["steps"] == 6 and al["batch_size"] == 8 and al["loss_first"] > 0
+    assert al["heldout_after"]["n"] == 64 and 0 <= al["heldout_after"]["i2t_top1"] <= 1
+    assert al["heldout_after"]["feature_cosine"] != al["heldout_before"]["feature_cosine"]
     assert spec.extra["examples_by_kind"]["caption"] == 24 and spec.extra["skipped_too_long"] == 0
     assert spec.eos_token_id == 0 and spec.mask_token_id == 7
     # the end-of-run check that the model uses the image: held-out loss with right vs. shuffled images
@@ -72,14 +78,17 @@ def test_second_call_hits_the_cache(pretrained, pairs_root, monkeypatch):
 
     out = cache.parent / "copy"
     args = ["pretrain-tiny", "--data", str(pairs_root), "--steps", "40", "--seed", "0", "--base", kw["base"],
-            "--batch-size", "8", "--lr", "0.002", "--curriculum", "0.25", "--no-progress", "--out", str(out)]
+            "--batch-size", "8", "--lr", "0.002", "--curriculum", "0.25", "--align-steps", "6", "--align-batch-size", "8",
+            "--no-progress", "--out", str(out)]
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
     assert "cached model" in res.output and "loss" in res.output and "image gap" in res.output
+    assert "vision alignment: 6 steps" in res.output and "held-out image->caption top-1" in res.output
     assert (out / "model.safetensors").read_bytes() == (d / "model.safetensors").read_bytes()
     # other settings are another model (the key covers steps, seed, lr...)
     assert P.cache_key(P.PretrainConfig(steps=41, base=kw["base"]), "k") != P.cache_key(P.PretrainConfig(steps=40, base=kw["base"]), "k")
     assert P.cache_key(P.PretrainConfig(seed=1), "k") != P.cache_key(P.PretrainConfig(seed=0), "k")
+    assert P.cache_key(P.PretrainConfig(align_steps=0), "k") != P.cache_key(P.PretrainConfig(), "k")
     assert len([p for p in (cache / "pretrained").iterdir() if not p.name.endswith(".lock")]) == 1  # no leftovers
 
 

@@ -84,7 +84,14 @@ def pretrain_tiny(config: PretrainConfig) -> None:
         first = sum(r["loss"] for r in rows[:k]) / k
         last = sum(r["loss"] for r in rows[-k:]) / k
         c.print(f"generative pre-training: {len(rows)} steps, loss {first:.3f} (first {k}) -> {last:.3f} (last {k})")
-    gap = EmbeddingSpec.load(d).extra.get("image_gap") or {}
+    extra = EmbeddingSpec.load(d).extra
+    al = extra.get("vision_align") or {}
+    if al:
+        b, a = al.get("heldout_before") or {}, al.get("heldout_after") or {}
+        c.print(f"vision alignment: {al['steps']} steps, loss {al['loss_first']:.3f} -> {al['loss_last']:.3f}"
+                + (f"; held-out image->caption top-1 {b['i2t_top1']:.2f} -> {a['i2t_top1']:.2f} (of {a['n']}), "
+                   f"image feature cosine {b['feature_cosine']:.2f} -> {a['feature_cosine']:.2f}" if a and b else ""))
+    gap = extra.get("image_gap") or {}
     if gap:  # held-out loss with the right vs. shuffled images: a ratio of 1.00 means it ignores the image
         c.print("image gap (held-out loss right -> shuffled images): " + ", ".join(
             f"{k} {v['right']:.3f} -> {v['shuffled']:.3f} (x{v['ratio']:.2f})" for k, v in gap.items()))
