@@ -81,16 +81,16 @@ class Settings:
     scenes_seed: int = 0
     image_size: int = 112
     # generative pre-training of the base
-    pretrain_steps: int = 300
+    pretrain_steps: int = 400
     # training budget (steps; batch sizes and learning rates from cocoa-train's tiny preset unless set)
-    s1_steps: int = 40
-    s2_steps: int = 40
-    s3_steps: int = 200
+    s1_steps: int = 50
+    s2_steps: int = 50
+    s3_steps: int = 400
     s3_warmup_steps: int = 10
     s3_batch: int = 32
     s3_lr: float = 3e-4
     s12_batch: int = 16
-    eval_every: int = 40
+    eval_every: int = 100
     eval_batch: int = 32
     extra_train_args: list[str] = field(default_factory=list)
     extra_pretrain_args: list[str] = field(default_factory=list)
@@ -101,12 +101,18 @@ class Settings:
             raise SystemExit(f"unknown arm(s) {bad}; known: {', '.join(ARMS)}")
         if self.s3_steps % self.eval_every:
             raise SystemExit(f"--s3-steps {self.s3_steps} must be a multiple of --eval-every {self.eval_every}")
-        for k in (self.s1_steps, self.s2_steps, self.s1_steps + self.s2_steps):
-            if k % self.eval_every or k >= self.s3_steps:
-                raise SystemExit(
-                    f"stage 1/2 steps ({self.s1_steps}, {self.s2_steps}) and their sum must be multiples of "
-                    f"--eval-every {self.eval_every} and below --s3-steps {self.s3_steps}, so that comparison (b) "
-                    "reads a checkpoint that exists")
+        if self.s1_steps + self.s2_steps >= self.s3_steps:
+            raise SystemExit(f"stage 1 + stage 2 steps ({self.s1_steps} + {self.s2_steps}) must stay below "
+                             f"--s3-steps {self.s3_steps}, so that comparison (b) reads a stage-3 checkpoint")
+
+    def eval_steps(self, arm: str) -> list[int]:
+        """Stage-3 steps scored for ``arm``: the curve (every ``eval_every``) and the step comparison (b) reads."""
+        return sorted({*range(0, self.s3_steps + 1, self.eval_every), equal_total_step(self, arm)})
+
+    @property
+    def save_every(self) -> int:
+        """Checkpoint interval: every step any arm is scored at is a checkpoint."""
+        return math.gcd(*[s for a in ARMS for s in self.eval_steps(a) if s])
 
 
 SMOKE = dict(seeds=[0, 1], scenes_train=240, eval_per_task=6, distractors=15, pretrain_steps=8, s1_steps=2,
@@ -312,7 +318,7 @@ def train_command(paths: Paths, st: Settings, arm: str, seed: int) -> list[str]:
            "--stage3-steps", str(st.s3_steps), "--stage3-batch-size", str(st.s3_batch),
            "--stage3-micro-batch-size", str(st.s3_batch), "--no-stage3-grad-cache",
            "--stage3-lr", f"{st.s3_lr:g}", "--stage3-schedule", "constant",
-           "--stage3-warmup-ratio", f"{warm:.6g}", "--stage3-save-every", str(st.eval_every)]
+           "--stage3-warmup-ratio", f"{warm:.6g}", "--stage3-save-every", str(st.save_every)]
     if "1" in stages:
         cmd += ["--stage1-steps", str(st.s1_steps), "--stage1-batch-size", str(st.s12_batch),
                 "--stage1-micro-batch-size", str(st.s12_batch)]
@@ -401,7 +407,7 @@ def worker(paths: Paths, st: Settings, arm: str, seed: int, threads: int) -> dic
              if (p / "state.json").is_file()}
     curve: dict[int, dict[str, Any]] = {}
     t1 = time.time()
-    for step in range(0, st.s3_steps + 1, st.eval_every):
+    for step in st.eval_steps(arm):
         out = run / "evals" / f"step-{step:06d}"
         if step == 0:
             model = stage3_input(paths, run, stages)
@@ -548,7 +554,7 @@ def load_results(paths: Paths, st: Settings) -> dict[str, dict[int, dict[str, An
     return out
 
 
-def equal_total_step(st: Settings, arm: str) -> int:
+def equal_total_step(st: "Settings", arm: str) -> int:
     stages = ARMS[arm][0]
     return st.s3_steps - (st.s1_steps if "1" in stages else 0) - (st.s2_steps if "2" in stages else 0)
 
@@ -564,7 +570,8 @@ def build_report(paths: Paths, st: Settings, prep_seconds: dict[str, float] | No
     if (paths.base / "cocoa.json").is_file():
         ex = json.loads((paths.base / "cocoa.json").read_text()).get("extra", {})
         rep["base"] = {k: ex.get(k) for k in ("steps", "lr", "batch_size", "examples", "loss_first", "loss_last",
-                                              "seconds", "num_parameters", "curriculum", "image_gap")}
+                                              "seconds", "num_parameters", "curriculum", "image_gap", "align_steps",
+                                              "vision_align", "pretrain_version")}
     if prep_seconds:
         rep["prepare_seconds"] = {k: round(v, 1) for k, v in prep_seconds.items()}
     for view, step_of in (("same_stage3_budget", lambda a: st.s3_steps), ("same_total_budget", lambda a: equal_total_step(st, a))):
@@ -650,7 +657,7 @@ def report_markdown(rep: dict[str, Any], st: Settings) -> str:
                          + f" | {dtxt} |")
         lines.append("")
     if rep["arms"]:
-        steps = sorted({int(s) for a in rep["arms"].values() for s in a["curve"]})
+        steps = sorted({int(s) for a in rep["arms"].values() for s in a["curve"] if int(s) % st.eval_every == 0})
         lines += ["#### Learning curves: overall P@1 (%) by stage-3 step (mean ± std over seeds)", "",
                   "| arm | " + " | ".join(str(s) for s in steps) + " |", "|---|" + "---:|" * len(steps)]
         for a in st.arms:

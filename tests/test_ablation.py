@@ -31,7 +31,7 @@ def _settings(ab):
 def _write_run(ab, paths, st, arm, seed, score):
     """A result.json as the worker writes it; P@1 at stage-3 step t is score(t)."""
     curve = {}
-    for t in range(0, st.s3_steps + 1, st.eval_every):
+    for t in st.eval_steps(arm):
         v = score(t)
         curve[str(t)] = {"overall": v, **{m: v for m in ab.META_TASKS}, "IND": v + 0.01, "OOD": v - 0.01,
                          "datasets": {"SceneCls": v, "SceneCls-OOD": v}}
@@ -95,11 +95,25 @@ def test_commands_per_arm(ab, tmp_path):
     assert "--stage1-data" not in cmds["s123"]
 
 
+def test_scored_steps_and_checkpoint_interval(ab, tmp_path):
+    """The curve every --eval-every steps, plus the step comparison (b) reads even when it is off that grid;
+    checkpoints are saved at every scored step."""
+    st = ab.Settings(s1_steps=50, s2_steps=50, s3_steps=400, eval_every=100)
+    st.check()
+    assert st.eval_steps("s3") == [0, 100, 200, 300, 400]
+    assert st.eval_steps("s13") == st.eval_steps("s23") == [0, 100, 200, 300, 350, 400]
+    assert st.eval_steps("s123") == [0, 100, 200, 300, 400]
+    assert st.save_every == 50
+    cmd = ab.train_command(ab.Paths(tmp_path), st, "s13", 0)
+    assert cmd[cmd.index("--stage3-save-every") + 1] == "50"
+    assert ab.Settings(s1_steps=30, s2_steps=20, s3_steps=200, eval_every=40).save_every == 10
+
+
 def test_settings_checks(ab, tmp_path):
     with pytest.raises(SystemExit, match="multiple of --eval-every"):
         ab.Settings(s3_steps=100, eval_every=30).check()
     with pytest.raises(SystemExit, match="comparison \\(b\\)"):
-        ab.Settings(s1_steps=50, s2_steps=60, s3_steps=100, eval_every=10).check()
+        ab.Settings(s1_steps=50, s2_steps=50, s3_steps=100, eval_every=10).check()
     with pytest.raises(SystemExit, match="unknown arm"):
         ab.Settings(arms=["s3", "s4"]).check()
     # an existing experiment with other settings is not mixed with new ones
