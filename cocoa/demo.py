@@ -29,11 +29,14 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from .train.pretrain import PRETRAIN_VERSION
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,9 @@ class Sizes:
     eval_per_task: int
     distractors: int
     pretrain_steps: int
+    pretrain_batch: int
+    align_steps: int  # contrastive alignment of the vision tower before generative pre-training
+    align_batch: int
     s1_steps: int
     s2_steps: int
     s3_steps: int
@@ -50,9 +56,11 @@ class Sizes:
     compare_base: bool
 
 
-FULL = Sizes(train=2000, eval_per_task=30, distractors=99, pretrain_steps=150, s1_steps=30, s2_steps=30,
+FULL = Sizes(train=2000, eval_per_task=30, distractors=99, pretrain_steps=300, pretrain_batch=16, align_steps=200,
+             align_batch=32, s1_steps=30, s2_steps=30,
              s3_steps=100, s12_batch=16, s3_batch=32, compare_base=True)
-FAST = Sizes(train=160, eval_per_task=4, distractors=15, pretrain_steps=4, s1_steps=2, s2_steps=2, s3_steps=4,
+FAST = Sizes(train=160, eval_per_task=4, distractors=15, pretrain_steps=4, pretrain_batch=8, align_steps=2,
+             align_batch=8, s1_steps=2, s2_steps=2, s3_steps=4,
              s12_batch=8, s3_batch=8, compare_base=False)
 
 
@@ -161,11 +169,20 @@ class Demo:
             stamp.write_text(json.dumps(inputs))
 
         self.step("tiny MLLM, generatively pre-trained (causal next-token captioning + QA; cached)")
+        want = {"steps": s.pretrain_steps, "batch_size": s.pretrain_batch, "align_steps": s.align_steps,
+                "align_batch_size": s.align_batch, "pretrain_version": PRETRAIN_VERSION}
         if (self.base / "cocoa.json").is_file():
-            self.reuse("pretrain", f"the pre-trained base in {self.base}")
-        else:
+            have = json.loads((self.base / "cocoa.json").read_text()).get("extra", {})
+            if all(have.get(k) == v for k, v in want.items()):
+                self.reuse("pretrain", f"the pre-trained base in {self.base}")
+            else:  # an older demo's base: everything trained or scored from it is stale too
+                self.say(f"(the base in {self.base} was built with other settings: rebuilding it and what follows)")
+                for d in (self.base, self.run, self.eval, self.eval_base):
+                    shutil.rmtree(d, ignore_errors=True)
+        if not (self.base / "cocoa.json").is_file():
             self.cmd(["cocoa-train", "pretrain-tiny", "--data", str(self.scenes), "--steps", str(s.pretrain_steps),
-                      "--out", str(self.base)], "pretrain")
+                      "--batch-size", str(s.pretrain_batch), "--align-steps", str(s.align_steps),
+                      "--align-batch-size", str(s.align_batch), "--out", str(self.base)], "pretrain")
 
         if s.compare_base:
             self.step("evaluate the base before embedding training (the 'before' column)")

@@ -52,6 +52,7 @@ def test_short_run_lowers_the_loss_and_reloads(pretrained):
     # the vision tower was aligned contrastively first (captions of the 24 scenes), scored on held-out captions
     al = spec.extra["vision_align"]
     assert al["steps"] == 6 and al["batch_size"] == 8 and al["loss_first"] > 0
+    assert [r["step"] for r in P.read_metrics(d, P.ALIGN_METRICS_FILE)] == list(range(1, 7))
     assert al["heldout_after"]["n"] == 64 and 0 <= al["heldout_after"]["i2t_top1"] <= 1
     assert al["heldout_after"]["feature_cosine"] != al["heldout_before"]["feature_cosine"]
     assert spec.extra["examples_by_kind"]["caption"] == 24 and spec.extra["skipped_too_long"] == 0

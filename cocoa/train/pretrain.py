@@ -39,6 +39,7 @@ IMAGE_PLACEHOLDER = "<|image_1|>"
 PRETRAIN_VERSION = 3
 DEFAULT_STEPS = 400
 METRICS_FILE = "pretrain_metrics.jsonl"
+ALIGN_METRICS_FILE = "align_metrics.jsonl"  # one row per vision-alignment step
 
 SHORT_KINDS = ("count", "objects", "pair")  # curriculum: short answers the image alone determines
 SHORT_CHARS = 48  # longer "pair" responses (retrieval captions) wait for the full mix
@@ -381,8 +382,13 @@ def pretrain(config: PretrainConfig, out_dir: str | Path, *, records: list[PairR
             align = None
             if config.align_steps:
                 atask = prog.add_task("aligning vision", total=config.align_steps, loss=float("nan"))
-                align = _align(model, processor, kept, image_root, config,
-                               lambda s, m: prog.update(atask, advance=1, loss=m["loss"]))
+                with open(tmp / ALIGN_METRICS_FILE, "w") as af:
+                    def on_align_step(s: int, m: dict[str, float]) -> None:
+                        af.write(json.dumps({"step": s, **{k: round(v, 5) for k, v in m.items()}}) + "\n")
+                        af.flush()
+                        prog.update(atask, advance=1, loss=m["loss"])
+
+                    align = _align(model, processor, kept, image_root, config, on_align_step)
             task = prog.add_task("pre-training", total=config.steps, loss=float("nan"))
             for step in range(1, config.steps + 1):
                 if step <= short_steps:
@@ -596,8 +602,9 @@ def pretrained_tiny_dir(data_dir: str | Path | None = None, steps: int = DEFAULT
     return cached_build(final, build)
 
 
-def read_metrics(model_dir: str | Path) -> list[dict[str, Any]]:
-    f = Path(model_dir) / METRICS_FILE
+def read_metrics(model_dir: str | Path, name: str = METRICS_FILE) -> list[dict[str, Any]]:
+    """Rows of a saved model's per-step log (``METRICS_FILE``, or ``ALIGN_METRICS_FILE``)."""
+    f = Path(model_dir) / name
     return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.is_file() else []
 
 

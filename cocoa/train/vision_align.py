@@ -87,6 +87,7 @@ class VisionAligner:
         return feats, F.normalize(self.img_proj(feats), dim=-1), F.normalize(self.text(ids), dim=-1)
 
     def step(self, images: list[Any], texts: list[str]) -> dict[str, float]:
+        t0 = time.perf_counter()
         self.visual.train()
         _, img, txt = self._encode(images, texts)
         loss, metrics = info_nce(img, txt, temperature=self.temperature, symmetric=True, gather=False)
@@ -96,7 +97,8 @@ class VisionAligner:
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         self.opt.step()
-        return {"loss": metrics["loss"], "acc": metrics["acc"], "grad_norm": float(gnorm)}
+        return {"loss": metrics["loss"], "acc": metrics["acc"], "grad_norm": float(gnorm),
+                "step_s": time.perf_counter() - t0}
 
     @torch.no_grad()
     def evaluate(self, images: list[Any], texts: list[str]) -> dict[str, float]:
