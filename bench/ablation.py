@@ -116,7 +116,8 @@ class Settings:
 
 
 SMOKE = dict(seeds=[0, 1], scenes_train=240, eval_per_task=6, distractors=15, pretrain_steps=8, s1_steps=2,
-             s2_steps=2, s3_steps=8, s3_warmup_steps=1, s3_batch=8, s12_batch=8, eval_every=2, eval_batch=32)
+             s2_steps=2, s3_steps=8, s3_warmup_steps=1, s3_batch=8, s12_batch=8, eval_every=2, eval_batch=32,
+             extra_pretrain_args=["--align-steps", "2", "--align-batch-size", "8"])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -485,13 +486,20 @@ def live_workers(paths: Paths) -> dict[str, int]:
     return out
 
 
-def schedule(paths: Paths, st: Settings, jobs: int, threads: int, plan: bool = False) -> None:
+def schedule(paths: Paths, st: Settings, jobs: int, threads: int, plan: bool = False,
+             skip: tuple[str, ...] = ()) -> None:
     # seed by seed (a shrunk experiment keeps whole seeds); within a seed the key pair (CoCoA, baseline) first
     todo = [(a, s) for s in st.seeds for a in sorted(st.arms, key=PRIORITY.index)]
+    unknown = sorted(set(skip) - {run_name(a, s) for a, s in todo})
+    if unknown:
+        raise SystemExit(f"--skip names no run of this experiment: {', '.join(unknown)} (runs are ARM-seedN)")
     pending = [(a, s) for a, s in todo if not (paths.run_dir(run_name(a, s)) / "result.json").is_file()]
     done = len(todo) - len(pending)
     if done:
         log(f"{done} of {len(todo)} runs already finished (result.json), skipping them")
+    if skip:
+        pending = [(a, s) for a, s in pending if run_name(a, s) not in skip]
+        log(f"not starting {', '.join(skip)} (--skip); the report counts the seeds that finished")
     if plan:
         for a, s in pending:
             print(f"$ {shlex.join(train_command(paths, st, a, s))}")
@@ -773,6 +781,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    "--train-arg=--stage2-lr=3e-5")
     p.add_argument("--pretrain-arg", action="append", default=[], help="extra cocoa-train pretrain-tiny flag "
                    "(repeatable), e.g. --pretrain-arg=--lr=3e-4")
+    p.add_argument("--skip", default="", help="comma-separated runs not to start this time (e.g. s123-orig-seed2), "
+                   "to fit a time box; the settings and the other runs are unchanged")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -830,7 +840,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.threads} thread(s); root {paths.root}")
     prep = prepare(paths, st, args.prep_threads or (os.cpu_count() or 1), plan=args.plan)
     t_prep = time.time() - t0
-    schedule(paths, st, args.jobs, args.threads, plan=args.plan)
+    schedule(paths, st, args.jobs, args.threads, plan=args.plan,
+             skip=tuple(x.strip() for x in args.skip.split(",") if x.strip()))
     if args.plan:
         return 0
     prep["runs"] = time.time() - t0 - t_prep

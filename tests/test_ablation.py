@@ -127,3 +127,14 @@ def test_settings_checks(ab, tmp_path):
     with pytest.raises(SystemExit, match="s3_steps"):
         ab.settings_from(args2, paths)
     assert math.isnan(ab.mean_std([])[0])
+
+
+def test_skip_leaves_runs_out_of_this_scheduling_only(ab, tmp_path, capsys):
+    st = _settings(ab)
+    paths = ab.Paths(tmp_path)
+    ab.schedule(paths, st, jobs=2, threads=1, plan=True, skip=("s123-orig-seed2", "s23-seed0"))
+    planned = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ cocoa-train")]
+    assert len(planned) == 15 - 2
+    assert not any("runs/s123-orig-seed2 " in p or "runs/s23-seed0 " in p for p in planned)
+    with pytest.raises(SystemExit, match="--skip names no run"):
+        ab.schedule(paths, st, jobs=2, threads=1, plan=True, skip=("s123-seed9",))
