@@ -94,3 +94,17 @@ def test_bad_inputs(embedder, tiny_model_dir, tmp_path):
         Embedder.from_pretrained(bare)
     e = Embedder.from_pretrained(bare, pooling="eos", eos_token="<|endoftext|>", device="cpu")
     np.testing.assert_allclose(e.encode(texts=TEXTS[:2]), embedder.encode(texts=TEXTS[:2]), atol=2e-5)
+
+
+def test_image_header_size_reads_headers_and_returns_none_for_non_images():
+    import io
+
+    from PIL import Image
+
+    from cocoa.eval.embedder import image_header_size
+
+    buf = io.BytesIO()
+    Image.new("RGB", (37, 21)).save(buf, format="PNG")
+    assert image_header_size(buf.getvalue()) == (37, 21)
+    assert image_header_size(b"not an image") is None
+    assert image_header_size(b"") is None

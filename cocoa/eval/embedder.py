@@ -310,11 +310,13 @@ class encode_progress:
 
 
 def image_header_size(data: bytes) -> tuple[int, int] | None:
-    """(w, h) from an encoded image's header without decoding it (None if unreadable)."""
+    """(w, h) from an encoded image's header without decoding it; None when PIL cannot read the header
+    (not an image, truncated, or a decompression bomb). Only used to sort inputs by length and to key the
+    cache: a bad image is reported with its record when it is decoded for encoding."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as im:
             return im.size
-    except Exception:
+    except (OSError, ValueError, Image.DecompressionBombError):  # UnidentifiedImageError is an OSError
         return None
