@@ -1,0 +1,217 @@
+"""Filesystem safety shared by every command: contained paths, exclusive locks, owned directories.
+
+Three promises (``docs/reliability.md``):
+
+* **Contained paths.** A path read from a file (a manifest's shard ``file``, a record's image path) is
+  used only when it is relative, has no ``..`` component and, with symlinks resolved, stays inside the
+  directory that file belongs to (:func:`contained`). Nothing outside a dataset or run directory is read,
+  written or deleted because a file says so.
+* **One writer.** A command that writes a workspace, dataset, run or cache directory holds an exclusive
+  ``fcntl.flock`` on a lock file in it (:func:`exclusive_lock`). The kernel releases it when the process
+  dies, so a SIGKILLed writer never leaves a stale lock; a second writer fails at once with a one-line
+  error naming the holder (pid, command, start time).
+* **Deleting only what is ours.** ``--overwrite`` removes a directory only when it is empty or carries
+  cocoa's marker file (:data:`MARKER`, written by every command that creates a directory it may later
+  replace) or is a cocoa dataset (has a cocoa ``manifest.json``); anything else is refused with a clear
+  message (:func:`remove_owned_tree`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+
+from .records import RecordError
+
+MARKER = ".cocoa-owned"
+LOCK = ".cocoa.lock"
+
+
+class UnsafePathError(RecordError):
+    """A path read from a file points outside the directory it belongs to."""
+
+
+class LockedError(RecordError):
+    """Another cocoa process holds the directory's lock."""
+
+
+class NotOwnedError(RecordError):
+    """A directory cocoa was asked to delete is not one cocoa made."""
+
+
+# ---------------------------------------------------------------------------------------------
+# contained paths
+# ---------------------------------------------------------------------------------------------
+def contained(root: str | Path, rel: str, *, where: str) -> Path:
+    """``root / rel`` when ``rel`` is a relative POSIX path that stays inside ``root``; else refuse.
+
+    Refused: empty, absolute (``/x``, ``C:\\x``, ``\\\\host``), any ``..`` component, backslashes, NUL,
+    and anything whose resolved path (symlinks followed) leaves ``root``'s resolved path.
+    ``where`` names the file the path came from, for the message.
+    """
+    bad = None
+    if not isinstance(rel, str) or not rel:
+        bad = "is empty"
+    elif "\x00" in rel or "\\" in rel:
+        bad = "contains a NUL or backslash"
+    else:
+        p = PurePosixPath(rel)
+        if p.is_absolute() or (len(rel) > 1 and rel[1] == ":"):
+            bad = "is absolute"
+        elif any(part == ".." for part in p.parts):
+            bad = "climbs out with '..'"
+    if bad is None:
+        root_r = Path(root).resolve()
+        full = Path(root) / rel
+        try:
+            full.resolve().relative_to(root_r)
+        except ValueError:
+            bad = "resolves (through a symlink) outside the directory"
+    if bad is not None:
+        raise UnsafePathError(
+            f"{where}: path {rel!r} {bad}; cocoa only uses paths inside {root}. The file was edited or "
+            "is not cocoa's: regenerate it"
+        )
+    return Path(root) / rel
+
+
+# ---------------------------------------------------------------------------------------------
+# exclusive locks
+# ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def exclusive_lock(directory: str | Path, *, name: str = LOCK, what: str = "") -> Iterator[Path]:
+    """Hold an exclusive, non-blocking ``flock`` on ``directory/name`` for the ``with`` block.
+
+    A second holder fails at once with :class:`LockedError` naming the first (pid, command, since).
+    The kernel drops the lock when its process dies (SIGKILL included): no stale lock to clean up.
+    The lock file itself is left in place (removing it would race with a new holder).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            holder = _read_holder(fd)
+            raise LockedError(
+                f"{directory} is in use by another cocoa process{holder}; "
+                f"{what + ' ' if what else ''}wait for it to finish (or stop it) and run the command again. "
+                "Two writers on one directory would corrupt it"
+            ) from None
+        info = {"pid": os.getpid(), "command": " ".join(sys.argv[:4])[:200], "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode("utf-8", "replace") or "{}")
+        return f" (pid {info.get('pid')}, `{info.get('command')}`, since {info.get('since')})"
+    except (OSError, ValueError):
+        return ""
+
+
+def is_locked(directory: str | Path, *, name: str = LOCK) -> bool:
+    """Whether another process holds ``directory/name`` right now (for status displays and tests)."""
+    path = Path(directory) / name
+    if not path.exists():
+        return False
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# owned directories
+# ---------------------------------------------------------------------------------------------
+def mark_owned(directory: str | Path, kind: str) -> None:
+    """Create ``directory`` (if needed) and record that cocoa made it (``kind``: workspace, run, ...)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    m = directory / MARKER
+    if not m.exists():
+        m.write_text(json.dumps({"kind": kind, "created": time.time()}) + "\n")
+
+
+def is_owned(directory: str | Path) -> bool:
+    """A directory cocoa may delete on ``--overwrite``: it carries the marker or is a cocoa dataset."""
+    directory = Path(directory)
+    if directory.is_symlink():
+        return False
+    if (directory / MARKER).is_file():
+        return True
+    mf = directory / "manifest.json"
+    if mf.is_file():
+        try:
+            return json.loads(mf.read_bytes()).get("format") == "cocoa-shards"
+        except (ValueError, OSError, AttributeError):
+            return False
+    return False
+
+
+def has_content(directory: str | Path) -> bool:
+    """Whether ``directory`` holds anything besides cocoa's marker and lock files."""
+    directory = Path(directory)
+    return directory.is_dir() and any(p.name not in (MARKER, LOCK) for p in directory.iterdir())
+
+
+def remove_owned_tree(directory: str | Path, *, flag: str = "--overwrite", keep_lock: bool = False) -> None:
+    """Delete ``directory`` if it is empty or cocoa's (:func:`is_owned`); refuse anything else.
+
+    Refuses the current directory, its ancestors, the home directory and ``/`` whatever they hold. A
+    symlink is never followed: the link is refused (cocoa did not make it). ``keep_lock=True`` empties
+    the directory but keeps it, its marker and its lock file (for a caller that holds that lock).
+    """
+    directory = Path(directory)
+    if not directory.exists() and not directory.is_symlink():
+        return
+    if directory.is_symlink():
+        raise NotOwnedError(f"{directory} is a symbolic link; {flag} will not delete through it. Remove it yourself "
+                            "or choose another directory")
+    if not directory.is_dir():
+        raise NotOwnedError(f"{directory} is a file, not a directory cocoa made; {flag} will not delete it. "
+                            "Choose another path")
+    resolved = directory.resolve()
+    protected = {Path("/"), Path.home().resolve(), *Path.cwd().resolve().parents, Path.cwd().resolve()}
+    if resolved in protected:
+        raise NotOwnedError(f"{directory} ({resolved}) is the working directory, one of its parents or your home; "
+                            f"{flag} never deletes it. Choose a subdirectory as the output")
+    if not has_content(directory):
+        if not keep_lock:
+            shutil.rmtree(directory)
+        return
+    if not is_owned(directory):
+        raise NotOwnedError(
+            f"{directory} is not empty and was not made by cocoa (no {MARKER} marker or cocoa manifest); "
+            f"{flag} only deletes cocoa's own output. Remove it yourself if you mean it, or choose another directory"
+        )
+    if not keep_lock:
+        shutil.rmtree(directory)
+        return
+    for child in directory.iterdir():
+        if child.name in (MARKER, LOCK):
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
