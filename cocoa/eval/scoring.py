@@ -7,6 +7,9 @@ Scoring rule (one evaluation record = one query and its candidate list, candidat
   A tie counts against the positive, so a collapsed model (all embeddings equal) scores 0, not 1.
   (VLM2Vec's ``argmax(scores) == 0`` lets the lowest index win ties; the two rules differ only on exact
   ties.)
+* an exact tie is decided by content: a distractor whose embedding equals the positive's bit for bit
+  ties it (a miss), whatever their positions in the candidate matrix; similarities are computed once per
+  distinct embedding, so float noise between BLAS kernels cannot break or create a tie.
 * a distractor whose content is identical to the positive's (same text and same image, hence the same
   cache key) is not a distractor and is left out of the comparison; a record with no distractor left is
   a hit. Such records are counted (``n_trivial``) in the result so nothing passes unnoticed.
@@ -66,11 +69,15 @@ def hits_at_1(query_emb: np.ndarray, cand_emb: np.ndarray, cand_index: Sequence[
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         ix = idx[s:e]
-        # only the candidates this chunk uses: [chunk, U] similarities, gathered per row
+        # only the candidates this chunk uses, and each distinct embedding once: identical vectors share
+        # one column of the product, so they score identically by construction (BLAS may compute
+        # different output columns with different kernels, 1-2 ulp apart: an exact tie must be decided
+        # by content, never by a candidate's position)
         used, inv = np.unique(np.where(ix < 0, ix[:, :1], ix), return_inverse=True)
-        inv = inv.reshape(ix.shape)
-        sims = q[s:e] @ c[used].T  # [chunk, U]
-        sc = np.take_along_axis(sims, inv, axis=1)  # [chunk, K]
+        rows_u, inv_rows = np.unique(c[used], axis=0, return_inverse=True)
+        col = inv_rows.reshape(-1)[inv.reshape(ix.shape)]  # [chunk, K] -> column of its distinct vector
+        sims = q[s:e] @ rows_u.T  # [chunk, U']
+        sc = np.take_along_axis(sims, col, axis=1)  # [chunk, K]
         pos = sc[:, 0]
         distractor = (ix >= 0) & (ix != ix[:, :1])
         distractor[:, 0] = False
