@@ -32,10 +32,16 @@ class Config(BaseModel):
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
+        from .fs import TextFileError, read_text
+
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            text = read_text(path, fix="save the config file as UTF-8")
+        except TextFileError as e:
+            raise ConfigError(str(e)) from None
+        try:
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of settings, not {type(data).__name__}")
         return cls.build(data, overrides, where=str(path))

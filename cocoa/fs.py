@@ -47,6 +47,35 @@ class NotOwnedError(RecordError):
     """A directory cocoa was asked to delete is not one cocoa made."""
 
 
+class TextFileError(RecordError):
+    """A text file (YAML, JSON, template) cocoa reads is not UTF-8 or not parseable."""
+
+
+# ---------------------------------------------------------------------------------------------
+# text files: UTF-8 or a one-line error naming the file and the byte
+# ---------------------------------------------------------------------------------------------
+def read_text(path: str | Path, *, fix: str = "save it as UTF-8 text") -> str:
+    """The file's text, decoded as UTF-8 (a leading BOM is dropped); otherwise a :class:`TextFileError`
+    naming the file, the byte offset and the bad byte (never a bare ``UnicodeDecodeError``)."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise TextFileError(
+            f"{path}: not UTF-8 text (byte {e.start}, line {line}: {data[e.start:e.start + 1]!r}); {fix}"
+        ) from None
+
+
+def read_json(path: str | Path, *, fix: str = "regenerate it") -> object:
+    """Parse a JSON file; non-UTF-8 bytes or bad JSON give a :class:`TextFileError` naming the file."""
+    text = read_text(path, fix=fix)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TextFileError(f"{path} is not valid JSON ({e}); {fix}") from None
+
+
 # ---------------------------------------------------------------------------------------------
 # contained paths
 # ---------------------------------------------------------------------------------------------

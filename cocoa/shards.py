@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -32,10 +33,14 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 from pydantic import BaseModel, ConfigDict, Field
 
+from .fs import TextFileError, contained, read_json
 from .records import RECORD_TYPES, SCHEMA_VERSION, RecordError, from_row, schema_for, to_row
 
 MANIFEST = "manifest.json"
 FORMAT = "cocoa-shards"
+# the names cocoa gives its shard files (a dataset's own, an overwrite's, and a synth part's):
+# a writer deletes only files that match this *and* are listed in its own validated manifest
+SHARD_NAME = re.compile(r"^(?:parts/part-\d{5}-of-\d{5}/)?shard(?:-\d{10})?-\d{5}\.arrow$")
 
 
 class ShardError(RecordError):
@@ -126,9 +131,9 @@ def read_manifest(path: str | Path) -> Manifest:
             "(e.g. shards/original, shards/curated) or regenerate it"
         )
     try:
-        data = json.loads(mf.read_text())
-    except json.JSONDecodeError as e:
-        raise ShardError(f"{mf} is not valid JSON ({e}); the dataset is damaged: regenerate it") from None
+        data = read_json(mf, fix="the dataset is damaged: regenerate it")
+    except TextFileError as e:
+        raise ShardError(str(e)) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ShardError(f"{mf} is not a cocoa manifest (format != {FORMAT!r}); regenerate the dataset")
     try:
@@ -139,6 +144,20 @@ def read_manifest(path: str | Path) -> Manifest:
         raise ShardError(f"{path} uses schema version {m.schema_version}; this cocoa reads <= {SCHEMA_VERSION}: upgrade cocoa")
     if m.record_type not in RECORD_TYPES:
         raise ShardError(f"{mf}: unknown record type {m.record_type!r}")
+    seen: set[str] = set()
+    for sh in m.shards:
+        contained(path, sh.file, where=str(mf))  # relative, no '..', no symlink escape
+        if sh.file in seen:
+            raise ShardError(f"{mf} lists {sh.file} twice; the manifest was edited: regenerate the dataset")
+        seen.add(sh.file)
+        if sh.num_rows < 0 or sh.bytes < 0:
+            raise ShardError(f"{mf}: negative row or byte count for {sh.file}; regenerate the dataset")
+    total = sum(sh.num_rows for sh in m.shards)
+    if total != m.num_rows:
+        raise ShardError(
+            f"{mf} says num_rows {m.num_rows} but its shards hold {total}; the manifest was edited or damaged: "
+            "regenerate the dataset"
+        )
     return m
 
 
@@ -193,20 +212,29 @@ class ShardWriter:
                 self.manifest.provenance.update(provenance)
         else:
             if existing:  # overwrite: keep old shards until the new manifest is in place
-                self._old_files = [self.path / s.file for s in read_manifest(self.path).shards]
+                # only files cocoa named and its (validated, contained) manifest lists are ever deleted
+                self._old_files = [self.path / s.file for s in read_manifest(self.path).shards
+                                   if SHARD_NAME.match(s.file)]
                 self._prefix = f"shard-{int(time.time() * 1000) % 10**10:010d}"
             self.manifest = Manifest(record_type=record_type, provenance=provenance or {})
-        self._cleanup_leftovers()
+        self._cleanup_leftovers(existing)
         self._next_index = len(self.manifest.shards)
         self._write_manifest()
 
     # -- housekeeping ----------------------------------------------------------------------------
-    def _cleanup_leftovers(self) -> None:
+    def _cleanup_leftovers(self, existing: bool) -> None:
+        """Remove what an interrupted writer of *this* dataset left: its temp files, and shards it renamed
+        but never recorded. Only names cocoa gives its own files, and only in a directory that already held
+        a cocoa manifest (a fresh directory's files are never cocoa's leftovers)."""
+        if not existing:
+            return
         listed = {s.file for s in self.manifest.shards} | {p.name for p in self._old_files}
         for p in self.path.iterdir():
-            if p.name.startswith(".") and ".tmp" in p.name:
+            if not p.is_file() or p.is_symlink():
+                continue
+            if re.match(r"^\.shard(?:-\d{10})?-\d{5}\.arrow\.tmp-\d+$", p.name):
                 p.unlink(missing_ok=True)  # a temp file of an interrupted writer: never complete
-            elif p.suffix == ".arrow" and p.name not in listed:
+            elif SHARD_NAME.match(p.name) and p.name not in listed:
                 p.unlink(missing_ok=True)  # renamed but never recorded in the manifest: redo it
 
     def _write_manifest(self) -> None:
@@ -330,6 +358,63 @@ def write_records(
 # ---------------------------------------------------------------------------------------------
 # reading
 # ---------------------------------------------------------------------------------------------
+def check_shard(f: Path, info: ShardInfo, record_type: str, *, verify: bool = True) -> None:
+    """What every reader checks before it uses a shard, cheapest first.
+
+    Always: the file exists, its size is the manifest's, it opens as an Arrow IPC file, its columns and
+    types are the record type's, its row count is the manifest's, and its text is valid UTF-8 (a
+    tampered or foreign shard is refused here, not half-way through a job; Polars would panic on
+    invalid UTF-8 and Python would raise a bare UnicodeDecodeError). With ``verify``: its sha256 too
+    (it reads every byte; ``docs/reliability.md`` has the measured cost).
+    """
+    if not f.is_file():
+        raise ShardError(f"{f} is listed in the manifest but missing; regenerate the dataset")
+    if f.stat().st_size != info.bytes:
+        raise ShardError(
+            f"{f} has {f.stat().st_size} bytes but the manifest says {info.bytes}: it is truncated or was "
+            "modified; regenerate the dataset"
+        )
+    if verify and sha256_file(f) != info.sha256:
+        raise ShardError(f"{f} fails its sha256 checksum (corrupted or modified); regenerate the dataset")
+    try:
+        reader = ipc.open_file(pa.memory_map(str(f), "r"))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ShardError(f"{f} is not a readable Arrow shard ({e}); regenerate the dataset") from None
+    want = schema_for(record_type)
+    got = reader.schema
+    if got.names != want.names or any(not got.field(n).type.equals(want.field(n).type) for n in want.names):
+        raise ShardError(
+            f"{f} does not have the {record_type} columns/types (has {', '.join(got.names) or 'none'}); "
+            "it is not this dataset's shard: regenerate the dataset"
+        )
+    rows = 0
+    text_cols = [i for i, fld in enumerate(got) if _has_text(fld.type)]
+    for i in range(reader.num_record_batches):
+        try:
+            b = reader.get_batch(i)
+            rows += b.num_rows
+            if text_cols:
+                b.select(text_cols).validate(full=True)
+        except (pa.ArrowInvalid, OSError) as e:
+            what = "holds text that is not valid UTF-8" if "UTF8" in str(e) else f"record batch {i} is unreadable ({e})"
+            raise ShardError(f"{f}: {what}; the shard is damaged or not cocoa's: regenerate the dataset") from None
+    if rows != info.num_rows:
+        raise ShardError(
+            f"{f} holds {rows} rows but the manifest says {info.num_rows}; the manifest or shard was modified: "
+            "regenerate the dataset"
+        )
+
+
+def _has_text(t: pa.DataType) -> bool:
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return True
+    if pa.types.is_struct(t):
+        return any(_has_text(t.field(i).type) for i in range(t.num_fields))
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return _has_text(t.value_type)
+    return False
+
+
 class ShardDataset:
     """A verified dataset directory. Iterate record batches or records without loading it whole."""
 
@@ -345,16 +430,7 @@ class ShardDataset:
                 "(cocoa's writers resume), or delete the directory"
             )
         for s in self.manifest.shards:
-            f = self.path / s.file
-            if not f.is_file():
-                raise ShardError(f"{f} is listed in the manifest but missing; regenerate the dataset")
-            if f.stat().st_size != s.bytes:
-                raise ShardError(
-                    f"{f} has {f.stat().st_size} bytes but the manifest says {s.bytes}: it is truncated or was "
-                    "modified; regenerate the dataset"
-                )
-            if verify and sha256_file(f) != s.sha256:
-                raise ShardError(f"{f} fails its sha256 checksum (corrupted or modified); regenerate the dataset")
+            check_shard(self.path / s.file, s, self.record_type, verify=verify)
 
     @property
     def record_type(self) -> str:

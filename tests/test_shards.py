@@ -93,9 +93,8 @@ def test_corrupt_shard_without_verification_gives_clear_error(tmp_path):
     m = read_manifest(tmp_path / "ds")
     f = tmp_path / "ds" / m.shards[0].file
     f.write_bytes(b"\0" * m.shards[0].bytes)  # same size, garbage content
-    ds = open_dataset(tmp_path / "ds", verify=False)
-    with pytest.raises(ShardError, match="not a readable Arrow shard"):
-        list(ds)
+    with pytest.raises(ShardError, match="not a readable Arrow shard"):  # refused when opened, before use
+        list(open_dataset(tmp_path / "ds", verify=False))
 
 
 def test_schema_mismatch_and_wrong_type(tmp_path):
