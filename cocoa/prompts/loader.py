@@ -48,6 +48,19 @@ class PromptError(RecordError):
     """A template is missing, malformed, unsafe or refers to an unknown variable."""
 
 
+def _check_sandbox(ast: Any, where: str) -> None:
+    """Refuse, when a template is loaded, what the sandbox would refuse only when that line renders:
+    access to a private or dunder attribute (``x.__class__``, ``x['_y']``), on any branch."""
+    from jinja2 import nodes
+
+    for node in ast.find_all((nodes.Getattr, nodes.Getitem)):
+        attr = node.attr if isinstance(node, nodes.Getattr) else (
+            node.arg.value if isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str) else None)
+        if attr is not None and attr.startswith("_"):
+            raise PromptError(f"template {where} line {node.lineno}: access to {attr!r} is refused by the sandbox "
+                              "(private and dunder attributes are off limits); remove it")
+
+
 def image_kind(dataset: str, meta: dict[str, Any] | None = None) -> str:
     """``document`` for document/chart/infographic datasets, else ``natural``; ``meta["image_kind"]`` wins."""
     if meta and isinstance(meta.get("image_kind"), str) and meta["image_kind"]:
@@ -124,16 +137,29 @@ class PromptLibrary:
             source, path, _ = self.env.loader.get_source(self.env, filename)  # type: ignore[union-attr]
         except jinja2.TemplateNotFound:
             raise PromptError(f"template {filename} is referenced but not found") from None
+        except UnicodeDecodeError as e:
+            raise PromptError(f"template {self._where(filename)} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                              "save it as UTF-8") from None
+        except OSError as e:
+            raise PromptError(f"template {self._where(filename)} cannot be read ({e.strerror or e})") from None
         try:
-            refs = jinja2.meta.find_referenced_templates(self.env.parse(source, filename, path))
+            ast = self.env.parse(source, filename, path)
         except jinja2.TemplateSyntaxError as e:
             raise PromptError(f"template {path}: syntax error at line {e.lineno}: {e.message}") from None
+        _check_sandbox(ast, path or filename)
+        refs = jinja2.meta.find_referenced_templates(ast)
         out = [f"{filename}\n{source}"]
         for ref in refs:
             if ref is None:
                 raise PromptError(f"template {path} includes a template chosen at render time; name it literally")
             out += self._closure_sources(ref, seen)
         return out
+
+    def _where(self, filename: str) -> str:
+        for d in [self.extra_dir, BUILTIN_DIR]:
+            if d is not None and (d / filename).is_file():
+                return str(d / filename)
+        return filename
 
     def get(self, name: str) -> Template:
         if name in self._cache:
@@ -143,7 +169,7 @@ class PromptLibrary:
         t = Template(
             name=name,
             origin="builtin" if f.parent == BUILTIN_DIR else str(f.parent),
-            source=f.read_text(encoding="utf-8"),
+            source=sources[0].split("\n", 1)[1],
             hash=digest("\n\0".join(sources))[:16],
         )
         self._cache[name] = t
@@ -174,6 +200,21 @@ class PromptLibrary:
         if not text:
             raise PromptError(f"template {t.name}{TEMPLATE_SUFFIX} ({t.origin}) rendered to an empty prompt")
         return RenderedPrompt(template=t, text=text)
+
+    def check(self, tasks: list[str] | tuple[str, ...], *, k: int = 3, schemas: dict[str, str] | None = None) -> None:
+        """Test-render every template a run of ``tasks`` could select, for every image kind and role,
+        with and without record text, so a template that fails (sandbox, undefined variable, empty
+        output, a bad include) is refused before any output is written, not halfway through a run."""
+        names = set(self.names())
+        for task in tasks:
+            used = sorted(n for n in names if n == task or n.startswith(f"{task}_"))
+            if not used:
+                self.select(task, "natural")  # raises: no template for the task
+            for name in used:
+                kind = name[len(task) + 1:] or "natural"
+                for role, qry, pos in (("query", "an example query", "an example text"), ("positive", "", "")):
+                    self.render(name, dataset="example", kind=kind, task=task, qry=qry, pos_text=pos, role=role,
+                                k=k, schema=(schemas or {}).get(task, "{}"))
 
     def hashes(self) -> dict[str, str]:
         return {n: self.get(n).hash for n in self.names()}

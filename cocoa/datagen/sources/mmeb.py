@@ -287,7 +287,67 @@ def _check_columns(schema_names: list[str], required: tuple[str, ...], where: st
         )
 
 
+def _as_bytes_type(t: Any) -> Any:
+    """The Arrow type with every (large_)string replaced by (large_)binary, lists and structs included:
+    casting to it never validates UTF-8, so one bad value cannot fail a whole batch."""
+    import pyarrow as pa
+
+    if pa.types.is_string(t):
+        return pa.binary()
+    if pa.types.is_large_string(t):
+        return pa.large_binary()
+    if getattr(pa.types, "is_string_view", lambda _t: False)(t):
+        return pa.binary()
+    if pa.types.is_list(t):
+        return pa.list_(_as_bytes_type(t.value_type))
+    if pa.types.is_large_list(t):
+        return pa.large_list(_as_bytes_type(t.value_type))
+    if pa.types.is_struct(t):
+        return pa.struct([pa.field(f.name, _as_bytes_type(f.type), f.nullable) for f in t])
+    return t
+
+
+def _decode_text(value: Any, column: str) -> Any:
+    """``bytes`` (a string column read as bytes, or a column typed ``binary``) -> ``str``, strictly as UTF-8;
+    raises :class:`_Skip` (reason ``invalid_utf8``) naming the column and the offending byte."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        b = bytes(value)
+        try:
+            return b.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _Skip("invalid_utf8", f"column {column!r} is not valid UTF-8 text (byte 0x{b[e.start]:02x} at "
+                                        f"offset {e.start}: {b[max(0, e.start - 20):e.start + 20]!r}); "
+                                        "re-encode the file as UTF-8") from None
+    if isinstance(value, list):
+        return [_decode_text(v, column) for v in value]
+    if isinstance(value, dict):
+        return {k: _decode_text(v, f"{column}.{k}") for k, v in value.items()}
+    return value
+
+
+def decode_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A raw row with every text value decoded (see :func:`_decode_text`)."""
+    return {k: _decode_text(v, k) for k, v in row.items()}
+
+
+def _printable(row: dict[str, Any]) -> dict[str, Any]:
+    """A raw row made JSON-safe for a quarantine payload (bad bytes shown as ``\\xNN``, never dropped)."""
+    def fix(v: Any) -> Any:
+        if isinstance(v, (bytes, bytearray, memoryview)):
+            return bytes(v).decode("utf-8", "backslashreplace")
+        if isinstance(v, list):
+            return [fix(x) for x in v]
+        if isinstance(v, dict):
+            return {k: fix(x) for k, x in v.items()}
+        return v
+
+    return {k: fix(v) for k, v in row.items()}
+
+
 def _iter_parquet_rows(files: list[Path], required: tuple[str, ...], layout: str) -> Iterator[tuple[Path, int, dict[str, Any]]]:
+    """Raw rows: text values come as ``bytes`` (decoded per row by :func:`decode_row`, so a row with
+    non-UTF-8 text is quarantined with its reason instead of failing the file)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     for f in files:
@@ -297,10 +357,16 @@ def _iter_parquet_rows(files: list[Path], required: tuple[str, ...], layout: str
             raise MMEBError(f"{f} is not a readable parquet file ({type(e).__name__}: {e}); download it again") from None
         _check_columns(pf.schema_arrow.names, required, str(f), layout)
         i = 0
-        for batch in pf.iter_batches(batch_size=1024):
-            for row in batch.to_pylist():
-                yield f, i, row
-                i += 1
+        try:
+            for batch in pf.iter_batches(batch_size=1024):
+                target = pa.schema([pa.field(x.name, _as_bytes_type(x.type), x.nullable) for x in batch.schema])
+                if target != batch.schema:
+                    batch = batch.cast(target)
+                for row in batch.to_pylist():
+                    yield f, i, row
+                    i += 1
+        except (pa.ArrowException, OSError) as e:
+            raise MMEBError(f"{f} cannot be read past row {i} ({type(e).__name__}: {e}); download it again") from None
 
 
 def _unknown(kind: str, names: list[str], known: list[str], where: str) -> MMEBError:
@@ -355,6 +421,9 @@ def iter_mmeb_train(
     on_error: Literal["skip", "raise"] = "skip",
     report: SourceReport | None = None,
     max_pixels: int = MAX_IMAGE_PIXELS,
+    source_flag: str = "",
+    image_dir_flag: str = "--image-dir",
+    split_flag: str = "--split",
 ) -> Iterator[PairRecord]:
     """MMEB-train rows as :class:`PairRecord` (``source`` = subset; images embedded as bytes, their
     MMEB path kept in ``ImageRef.path``; ``<|image_1|>`` kept in the texts).
@@ -362,6 +431,10 @@ def iter_mmeb_train(
     ``source``: a local snapshot directory (see the module doc) or a hub repo id (online only).
     ``split``: ``original`` or ``diverse_instruction``; a snapshot with only ``train`` is read as that.
     Bad rows are skipped and recorded in ``report`` (``on_error="skip"``) or raise.
+
+    The arguments (directories, subsets, split) are checked when this is *called*, before the first
+    row is asked for, so a caller can validate its inputs before it creates any output;
+    ``source_flag`` / ``image_dir_flag`` / ``split_flag`` are the option names the user typed, for the messages.
     """
     if split not in TRAIN_SPLITS:
         raise MMEBError(f"unknown MMEB-train split {split!r}; known: {', '.join(TRAIN_SPLITS)}")
@@ -370,26 +443,44 @@ def iter_mmeb_train(
     root = Path(source)
     idir = Path(image_dir) if image_dir is not None else None
     if idir is not None and not idir.is_dir():
-        raise MMEBError(f"--image-dir {idir} is not a directory; point it at the extracted MMEB-train images")
+        raise MMEBError(f"{image_dir_flag} {idir} is not a directory; point it at the extracted MMEB-train images")
     if local:
+        if not root.is_dir():
+            raise MMEBError(f"{source_flag + ' ' if source_flag else ''}{root} is a file, not a directory; give the "
+                            f"MMEB-train directory ({TRAIN_LAYOUT})")
         configs = _local_configs(root)
         if not configs:
-            raise MMEBError(f"{root} holds no parquet files; expected the MMEB-train layout: {TRAIN_LAYOUT}")
+            raise MMEBError(f"{source_flag + ' ' if source_flag else ''}{root} holds no parquet files; expected the "
+                            f"MMEB-train layout: {TRAIN_LAYOUT}")
         known = sorted(configs)
         wanted = subsets or known
         bad = [s for s in wanted if s not in configs]
         if bad:
             raise _unknown("MMEB-train subset(s)", bad, known, str(root))
+        for subset in wanted:  # every subset's split exists: checked now, not when its turn comes
+            files = configs[subset]
+            if not _split_files(files, root / subset, split) and not (
+                    split == "original" and _split_files(files, root / subset, "train")):
+                splits = sorted({f.name.split("-")[0].removesuffix(".parquet") for f in files})
+                raise MMEBError(f"{root / subset} has no {split!r} split (found: {', '.join(splits)}); "
+                                f"choose one of them with {split_flag}")
     else:
-        if not isinstance(source, str) or source.count("/") != 1:
-            raise MMEBError(f"{source} does not exist; give a local MMEB-train directory ({TRAIN_LAYOUT}) or a hub repo id")
+        configs = {}
+        if not isinstance(source, str) or source.count("/") != 1 or str(source).startswith((".", "/", "~")):
+            raise MMEBError(f"{source_flag + ' ' if source_flag else ''}{source} does not exist; give a local "
+                            f"MMEB-train directory ({TRAIN_LAYOUT}) or a hub repo id")
         _require_online(str(source), TRAIN_LAYOUT)
         known = mmeb_train_subsets()
         wanted = subsets or known
         bad = [s for s in wanted if s not in known]
         if bad:
             raise _unknown("MMEB-train subset(s)", bad, known, str(source))
+    return _train_rows(source, root, local, configs, wanted, split, max_per_subset, idir, on_error, report, max_pixels)
 
+
+def _train_rows(source: str | Path, root: Path, local: bool, configs: dict[str, list[Path]], wanted: list[str],
+                split: str, max_per_subset: int | None, idir: Path | None, on_error: str, report: SourceReport,
+                max_pixels: int) -> Iterator[PairRecord]:
     for subset in wanted:
         if local:
             files = configs[subset]
@@ -423,11 +514,11 @@ def iter_mmeb_train(
                 key = f"{subset}:{used_split}:{fname}:{i}"
                 meta = {"dataset": TRAIN_REPO, "subset": subset, "split": used_split, "file": fname, "row": i}
                 try:
-                    rec = _train_record(row, subset, images, meta, report)
+                    rec = _train_record(decode_row(row), subset, images, meta, report)
                 except _Skip as s:
                     if on_error == "raise":
                         raise MMEBError(f"{label} {fname} row {i}: {s.detail}") from None
-                    report.add_skip(s.reason, f"{fname} row {i}: {s.detail}", key, row, meta)
+                    report.add_skip(s.reason, f"{subset}/{fname} row {i}: {s.detail}", key, _printable(row), meta)
                     continue
                 report.kept[subset] += 1
                 kept += 1
@@ -437,6 +528,8 @@ def iter_mmeb_train(
 
 
 def _opt_str(v: Any) -> str:
+    if isinstance(v, (bytes, bytearray)):  # never the repr "b'...'": rows are decoded by decode_row first
+        return _decode_text(v, "text")
     return "" if v is None else str(v)
 
 
@@ -536,12 +629,12 @@ def iter_mmeb_eval(
                 fname = f.name if isinstance(f, Path) else str(f)
                 meta = {"dataset": EVAL_REPO, "file": fname, "row": i}
                 try:
-                    rec = _eval_record(row, info, images, cache, keep, meta, report)
+                    rec = _eval_record(decode_row(row), info, images, cache, keep, meta, report)
                 except _Skip as s:
                     if on_error == "raise":
                         raise MMEBError(f"{source} {name}/{fname} row {i}: {s.detail}") from None
-                    report.add_skip(s.reason, f"{name}/{fname} row {i}: {s.detail}", f"{name}:{fname}:{i}", row,
-                                    {**meta, "subset": name})
+                    report.add_skip(s.reason, f"{name}/{fname} row {i}: {s.detail}", f"{name}:{fname}:{i}",
+                                    _printable(row), {**meta, "subset": name})
                     continue
                 report.kept[name] += 1
                 kept += 1
