@@ -232,7 +232,7 @@ class ShardWriter:
         for p in self.path.iterdir():
             if not p.is_file() or p.is_symlink():
                 continue
-            if re.match(r"^\.shard(?:-\d{10})?-\d{5}\.arrow\.tmp-\d+$", p.name):
+            if re.match(r"^\.(?:shard(?:-\d{10})?-\d{5}\.arrow|manifest\.json)\.tmp-\d+$", p.name):
                 p.unlink(missing_ok=True)  # a temp file of an interrupted writer: never complete
             elif SHARD_NAME.match(p.name) and p.name not in listed:
                 p.unlink(missing_ok=True)  # renamed but never recorded in the manifest: redo it
