@@ -151,7 +151,7 @@ def _outcome(ws: Workspace) -> dict[str, str | None]:
     return kept
 
 
-@pytest.mark.parametrize("rule", [r for r in RULES])
+@pytest.mark.parametrize("rule", [r for r in RULES if r != "invalid_record"])  # that one: test_hostile_curation.py
 def test_rule_keeps_and_drops(curated, rule):
     ws, rows, want, _, _ = curated
     got = _outcome(ws)
@@ -173,7 +173,7 @@ def test_every_row_accounted_and_report(curated):
     assert rep["rows_out"] + rep["rows_rejected"] == rep["rows_in"]
     for rule in RULES:
         assert rep["drops"][rule]["count"] == sum(w == rule for w in want)
-        assert len(rep["drops"][rule]["examples"]) >= 1
+        assert len(rep["drops"][rule]["examples"]) >= 1 or rule == "invalid_record"  # test_hostile_curation
     # the missing image is named in the reject detail
     missing = [q for q in open_dataset(ws.rejected) if "missing.png" in q.detail]
     assert missing and missing[0].reason == "image_unreadable"

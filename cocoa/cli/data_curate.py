@@ -51,7 +51,8 @@ def _ratio(ctx: click.Context, param: click.Parameter, value: str) -> str:
 
 @click.command()
 @click.option("--ratio", default="1:1", show_default=True, callback=_ratio,
-              help="original:synthetic by row count, two positive numbers (1:1, 2:1, 0.5:1).")
+              help="original:synthetic by row count (1:1, 2:1, 0.5:1). A zero side is not used: 1:0 mixes "
+                   "original pairs only (no synthetic data needed), 0:1 curated synthetic rows only.")
 @click.option("--data", type=click.Path(file_okay=False, path_type=Path), default=Path("shards"), show_default=True,
               help="Workspace root: reads DATA/original and DATA/curated, writes DATA/mix.")
 @click.option("--stratify/--no-stratify", default=True, show_default=True,

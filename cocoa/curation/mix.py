@@ -35,23 +35,30 @@ CAPTION_PROMPT = "Describe the image in detail."
 
 
 class RatioError(ValueError):
-    """A ``--ratio`` value that is not two positive numbers ``a:b``."""
+    """A ``--ratio`` value that is not two non-negative numbers ``a:b``, at least one positive."""
 
 
 def parse_ratio(text: str) -> tuple[float, float]:
-    """``"1:1"`` -> ``(1.0, 1.0)``; both parts must be positive finite numbers."""
+    """``"1:1"`` -> ``(1.0, 1.0)``. Both parts are finite numbers >= 0 and at least one is positive.
+
+    A zero side is an explicit choice: that side is not used (``1:0`` mixes original pairs only, so
+    stages 1-2 can run without synthetic data; ``0:1`` curated synthetic rows only).
+    """
     parts = str(text).strip().split(":")
     if len(parts) != 2:
-        raise RatioError(f"--ratio must be two numbers original:synthetic such as 1:1 or 2:1, not {text!r}")
+        raise RatioError(f"--ratio must be two numbers original:synthetic such as 1:1, 2:1 or 1:0, not {text!r}")
     vals = []
     for p in parts:
         try:
             v = float(p)
         except ValueError:
-            raise RatioError(f"--ratio {text!r}: {p!r} is not a number (use e.g. 1:1 or 0.5:1)") from None
-        if not math.isfinite(v) or v <= 0:
-            raise RatioError(f"--ratio {text!r}: both sides must be positive (got {p}); use e.g. 1:1 or 2:1")
+            raise RatioError(f"--ratio {text!r}: {p!r} is not a number (use e.g. 1:1, 0.5:1 or 1:0)") from None
+        if not math.isfinite(v) or v < 0:
+            raise RatioError(f"--ratio {text!r}: each side must be a number >= 0 (got {p}); use e.g. 1:1, 2:1 or 1:0")
         vals.append(v)
+    if vals[0] == 0 and vals[1] == 0:
+        raise RatioError(f"--ratio {text!r} uses neither side; use e.g. 1:1, 1:0 (original only) or 0:1 "
+                         "(synthetic only)")
     return vals[0], vals[1]
 
 
@@ -150,14 +157,28 @@ class MixPlan:
     note: str
 
 
-def plan_counts(avail_o: int, avail_s: int, a: float, b: float, upsample: bool) -> MixPlan:
-    """How many original and synthetic rows to take for ratio a:b (cap the long side, or upsample)."""
-    if avail_o == 0 or avail_s == 0:
-        which = "original" if avail_o == 0 else "synthetic"
-        raise RecordError(
-            f"the {which} side has no mixable rows, so no {a:g}:{b:g} mixture exists; "
-            f"check {'original/' if which == 'original' else 'curated/'} (and curated/report.json)"
-        )
+def plan_counts(avail_o: int, avail_s: int, a: float, b: float, upsample: bool,
+                empty_hint: dict[str, str] | None = None) -> MixPlan:
+    """How many original and synthetic rows to take for ratio a:b (cap the long side, or upsample).
+
+    A zero part means that side is not used: every mixable row of the other side is taken.
+    ``empty_hint`` (side -> text) explains an empty side in the error.
+    """
+    hints = {"original": "check original/ (`cocoa-data inspect` it)",
+             "synthetic": "check curated/ and curated/report.json", **(empty_hint or {})}
+    for which, avail, part in (("original", avail_o, a), ("synthetic", avail_s, b)):
+        if part > 0 and avail == 0:
+            other = "1:0" if which == "synthetic" else "0:1"
+            raise RecordError(
+                f"the {which} side has no mixable rows, so no {a:g}:{b:g} mixture exists: {hints[which]}; "
+                f"or mix the other side only with --ratio {other}"
+            )
+    if b == 0:
+        return MixPlan(avail_o, 0, f"original pairs only (--ratio {a:g}:0): all {avail_o} mixable original rows; "
+                                   "no synthetic rows")
+    if a == 0:
+        return MixPlan(0, avail_s, f"synthetic rows only (--ratio 0:{b:g}): all {avail_s} curated rows; "
+                                   "no original rows")
     ko, ks = avail_o / a, avail_s / b
     if math.isclose(ko, ks):
         return MixPlan(avail_o, avail_s, "both sides fit the ratio exactly")
@@ -200,20 +221,55 @@ def _checksum(path: Path) -> dict[str, Any]:
 
 def run_mix(data: str | Path = "shards", ratio: str = "1:1", stratify: bool = True, upsample: bool = False,
             seed: int = 0, show_progress: bool = True, console: Any = None) -> dict[str, Any]:
-    """Write ``DATA/mix`` and its dataset card; returns the card's numbers."""
-    from .pipeline import make_progress, open_checked
+    """Write ``DATA/mix`` and its dataset card; returns the card's numbers.
+
+    Holds the workspace lock; ``mix/`` is rebuilt beside the old one and swapped in when complete
+    (:mod:`cocoa.curation.output`). A zero side of the ratio is not read at all.
+    """
+    from .output import workspace_lock
 
     a, b = parse_ratio(ratio)
     ws = Workspace(data)
-    orig = open_checked(ws.original, "PairRecord", "original data")
-    cur = open_checked(ws.curated, "SynthRecord", "curated data (run `cocoa-data curate` first)")
-    excluded = _excluded_originals(ws)
+    with workspace_lock(ws.root, "cocoa-data mix", "create it with `cocoa-data scenes --out DIR` or `cocoa-data synth "
+                        "--source mmeb --out DIR`, then curate it"):
+        return _run_mix(ws, a, b, stratify, upsample, seed, show_progress, console)
+
+
+def _curated_empty_hint(ws: Workspace) -> str:
+    import json
+
+    try:
+        rep = json.loads((ws.curated / "report.json").read_text(encoding="utf-8"))
+        drops = sorted(((d["count"], r) for r, d in rep["drops"].items() if d["count"]), reverse=True)[:5]
+        top = ", ".join(f"{r} {n}" for n, r in drops) or "none"
+        return (f"curate kept 0 of the {rep['rows_in']} synthetic rows (top rules: {top}; see "
+                f"{ws.curated / 'report.json'} and {ws.rejected})")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"{ws.curated} has no rows (see {ws.rejected})"
+
+
+def _run_mix(ws: Workspace, a: float, b: float, stratify: bool, upsample: bool, seed: int, show_progress: bool,
+             console: Any) -> dict[str, Any]:
+    from .output import check_replaceable, staged_output
+    from .pipeline import make_progress, open_checked
+
+    orig = cur = None
+    if a > 0:
+        orig = open_checked(ws.original, "PairRecord", "original data",
+                            f"create it first (`cocoa-data scenes --out {ws.root}` or `cocoa-data synth --source mmeb "
+                            f"--out {ws.root}` write {ws.original}); or mix synthetic rows only with --ratio 0:1")
+    if b > 0:
+        cur = open_checked(ws.curated, "SynthRecord", "curated data",
+                           f"run `cocoa-data curate --data {ws.root}` first (it filters {ws.synthetic}); or mix "
+                           "original pairs only with --ratio 1:0")
+    check_replaceable(ws.mix, "cocoa-data mix")  # refuse a foreign mix/ before any work
+    excluded = _excluded_originals(ws) if orig is not None else set()
 
     # candidates (light columns only), then the records actually taken
     o_ids, o_src, o_rows = [], [], []
     unmixable: dict[str, int] = {}
     n_excluded = 0
-    for i, rec in enumerate(orig):
+    for i, rec in enumerate(orig if orig is not None else []):
         if rec.id in excluded:
             n_excluded += 1
             continue
@@ -224,16 +280,19 @@ def run_mix(data: str | Path = "shards", ratio: str = "1:1", stratify: bool = Tr
         o_ids.append(rec.id)
         o_src.append(rec.source)
         o_rows.append(i)
-    s_df = cur.scan().select("id", "source").collect()
-    s_ids, s_src = s_df["id"].to_list(), s_df["source"].to_list()
+    s_ids: list[str] = []
+    s_src: list[str] = []
+    if cur is not None:
+        s_df = cur.scan().select("id", "source").collect()
+        s_ids, s_src = s_df["id"].to_list(), s_df["source"].to_list()
 
-    plan = plan_counts(len(o_ids), len(s_ids), a, b, upsample)
+    plan = plan_counts(len(o_ids), len(s_ids), a, b, upsample, {"synthetic": _curated_empty_hint(ws)})
     pick_o = take(o_ids, o_src, plan.n_original, seed, stratify)
     pick_s = take(s_ids, s_src, plan.n_synthetic, seed, stratify)
 
     # materialise the picked rows
-    o_table = orig.table()
-    s_table = cur.table()
+    o_table = orig.table() if orig is not None else None
+    s_table = cur.table() if cur is not None else None
     entries: list[tuple[int, MixRecord]] = []
     from ..records import from_row
     from .pipeline import pa_indices
@@ -245,6 +304,8 @@ def run_mix(data: str | Path = "shards", ratio: str = "1:1", stratify: bool = Tr
             ("original", pick_o, o_table, orig, "PairRecord", o_rows),
             ("synthetic", pick_s, s_table, cur, "SynthRecord", None),
         ):
+            if not picks:
+                continue
             uniq = sorted({i for i, _ in picks})
             phys = [rows[i] for i in uniq] if rows is not None else uniq
             recs: dict[int, MixRecord] = {}
@@ -270,7 +331,7 @@ def run_mix(data: str | Path = "shards", ratio: str = "1:1", stratify: bool = Tr
     n_o, n_s = sum(counts["original"].values()), sum(counts["synthetic"].values())
     card = {
         "ratio_requested": f"{a:g}:{b:g}",
-        "ratio_achieved": f"{n_o / n_s:.4f}:1" if n_s else "inf",
+        "ratio_achieved": f"{n_o / n_s:.4f}:1" if n_s else "1:0",
         "rows": len(entries),
         "original_rows": n_o,
         "synthetic_rows": n_s,
@@ -282,15 +343,16 @@ def run_mix(data: str | Path = "shards", ratio: str = "1:1", stratify: bool = Tr
         "stratify": stratify,
         "upsample": upsample,
         "seed": seed,
-        "inputs": {"original": _checksum(ws.original), "curated": _checksum(ws.curated)},
-        "curation_config": cur.manifest.provenance.get("config"),
+        "inputs": {name: _checksum(d.path) for name, d in (("original", orig), ("curated", cur)) if d is not None},
+        "curation_config": cur.manifest.provenance.get("config") if cur is not None else None,
     }
     prov = {"stage": "mix", **{k: card[k] for k in ("ratio_requested", "seed", "stratify", "upsample", "inputs")}}
-    with ShardWriter(ws.mix, "MixRecord", mode="overwrite", provenance=prov) as w:
-        for _, m in entries:
-            w.write(m)
-    atomic_write_text(ws.mix / "README.md", dataset_card(card))
-    atomic_write_json(ws.mix / "mix_report.json", card)
+    with staged_output(ws.mix, "mix", "cocoa-data mix") as stage:  # swapped in when complete
+        with ShardWriter(stage, "MixRecord", mode="create", provenance=prov) as w:
+            for _, m in entries:
+                w.write(m)
+        atomic_write_text(stage / "README.md", dataset_card(card))
+        atomic_write_json(stage / "mix_report.json", card)
     return card
 
 

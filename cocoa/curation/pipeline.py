@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from ..records import canonical_json, content_id, digest, from_row, payload_json, schema_for
+from ..records import RecordError, canonical_json, content_id, digest, from_row, payload_json, schema_for
 from ..shards import MANIFEST, ShardDataset, ShardError, ShardWriter, Workspace, atomic_write_json, open_dataset
 from .config import CurationConfig
 from .dedup import first_of_groups_cols, near_duplicates, text_digests
@@ -52,13 +52,17 @@ def dataset_checksum(path: Path) -> dict[str, Any]:
     }
 
 
-def open_checked(path: Path, record_type: str, what: str) -> ShardDataset:
-    """Open a dataset, refusing a missing/empty directory and shards whose schema does not match."""
+def open_checked(path: Path, record_type: str, what: str, hint: str | None = None) -> ShardDataset:
+    """Open a dataset, refusing a missing/empty directory and shards whose schema does not match.
+
+    ``hint`` says how to create the dataset (the command to run), for the missing/empty message.
+    """
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
-        raise ShardError(
-            f"{path} is missing or empty: there is no {what} to read. Create it first "
-            f"({'`cocoa-data synth`' if record_type == 'SynthRecord' else '`cocoa-data scenes` or an MMEB import'})"
-        )
+        if hint is None:
+            hint = ("`cocoa-data synth`" if record_type == "SynthRecord"
+                    else "`cocoa-data scenes` or `cocoa-data synth --source mmeb`")
+            hint = f"create it first ({hint})"
+        raise ShardError(f"{path} is missing or empty: there is no {what} to read; {hint}")
     ds = open_dataset(path, record_type=record_type)
     want = schema_for(record_type)
     for f in ds.files:
@@ -72,6 +76,80 @@ def open_checked(path: Path, record_type: str, what: str) -> ShardDataset:
                 "or is damaged: regenerate the dataset"
             )
     return ds
+
+
+# ---------------------------------------------------------------------------------------------
+# row validation (the SynthRecord contract, vectorised; tests cross-check it against from_row)
+# ---------------------------------------------------------------------------------------------
+def _json_object_problem(text: str) -> str | None:
+    try:
+        v = json.loads(text)
+    except ValueError as e:
+        return f"meta is not valid JSON ({e})"
+    return None if isinstance(v, dict) else f"meta is JSON but not an object (got {type(v).__name__})"
+
+
+def _path_problem(path: str) -> str | None:
+    from ..records import _check_relpath
+
+    try:
+        _check_relpath(path)
+    except ValueError as e:
+        return f"image {e}"
+    return None
+
+
+def record_problems(ds: ShardDataset):  # type: ignore[no-untyped-def]
+    """Per row of a SynthRecord dataset: why it is not a valid SynthRecord (None when it is).
+
+    The same rules as the ``SynthRecord`` model (``cocoa.records``), computed column-wise so a million
+    rows cost seconds, not a pydantic model each: required strings non-empty, ``kind`` caption or qa
+    with the matching text fields, an image with bytes or a safe relative path, teacher/template
+    present, ``meta`` a JSON object. Rows that fail are rejected as ``invalid_record`` with this detail.
+    """
+    pl = _pl()
+    lf = ds.scan()
+    s = lambda c: pl.col(c).str.strip_chars()  # noqa: E731
+    empty = lambda c: pl.col(c).is_null() | (pl.col(c) == "")  # noqa: E731
+    blank = lambda c: pl.col(c).is_null() | (s(c) == "")  # noqa: E731
+    tf = lambda c, f: pl.col(c).struct.field(f)  # noqa: E731
+    kind = pl.col("kind")
+    checks = [
+        (pl.col("id").is_null(), "id is null"),
+        (empty("parent_id"), "parent_id is empty"),
+        (pl.col("source").is_null(), "source is null"),
+        (kind.is_null(), "kind is null"),
+        (~kind.is_in(["caption", "qa"]), pl.format("kind '{}' is not caption or qa", kind)),
+        ((kind == "caption") & blank("caption"), "a caption record needs a non-empty caption"),
+        ((kind == "caption") & (pl.col("question").is_not_null() | pl.col("answer").is_not_null()),
+         "a caption record carries no question/answer"),
+        ((kind == "qa") & (blank("question") | blank("answer")), "a qa record needs a non-empty question and answer"),
+        ((kind == "qa") & pl.col("caption").is_not_null(), "a qa record carries no caption"),
+        (pl.col("image").is_null() | (tf("image", "bytes").is_null() & tf("image", "path").is_null()),
+         "image has neither bytes nor a path"),
+        (pl.col("teacher").is_null() | (tf("teacher", "backend").fill_null("") == "")
+         | (tf("teacher", "model").fill_null("") == "") | tf("teacher", "revision").is_null(),
+         "teacher needs a backend, a model and a revision"),
+        (pl.col("template").is_null() | (tf("template", "name").fill_null("") == "")
+         | (tf("template", "hash").fill_null("") == ""), "template needs a name and a hash"),
+        (empty("params_hash"), "params_hash is empty"),
+        (empty("key"), "key is empty"),
+    ]
+    detail = pl.lit(None, dtype=pl.String)
+    for cond, msg in reversed(checks):
+        detail = pl.when(cond.fill_null(True)).then(msg if isinstance(msg, pl.Expr) else pl.lit(msg)).otherwise(detail)
+    df = lf.select(detail.alias("d"), tf("image", "path").alias("path"), pl.col("meta")).collect()
+    out = df["d"]
+    # image paths and meta: few distinct values, checked with the model's own helpers
+    for col, check in (("path", _path_problem), ("meta", _json_object_problem)):
+        vals = df[col].drop_nulls().unique()
+        if col == "meta":
+            vals = vals.filter(vals != "")
+        bad = {v: m for v in vals.to_list() if (m := check(v)) is not None}
+        if bad:
+            extra = df[col].replace_strict(bad, default=None, return_dtype=pl.String)
+            out = pl.DataFrame({"a": out, "b": extra}).select(pl.coalesce("a", "b")).to_series()
+    return out.alias("_invalid")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,7 +357,14 @@ def _decontam_text(ctx: Context, alive: np.ndarray) -> dict[int, str]:
     return {int(alive[j]): f"text covers {s:.2f} of the {c.ngram}-grams of eval text {lab}" for j, (lab, s) in hits.items()}
 
 
+def _invalid_rule(ctx: Context):  # type: ignore[no-untyped-def]
+    pl = _pl()
+    return pl.col("_invalid").is_not_null(), pl.col("_invalid")
+
+
 STEPS: list[Step] = [
+    Step("invalid_record", "the row is not a valid SynthRecord (unknown kind, meta not a JSON object, ...)",
+         expr=_invalid_rule),
     Step("image_unreadable", "the image is missing or cannot be decoded", expr=_img_rule("unreadable"),
          enabled=lambda c: c.image.enabled),
     Step("image_too_small", "shorter side below image.min_side", expr=_img_rule("small"),
@@ -321,6 +406,7 @@ def load_frame(ds: ShardDataset, cfg: CurationConfig, progress: Any = None):  # 
     pl = _pl()
     cols = ["id", "parent_id", "source", "kind", "caption", "question", "answer", "key"]
     df = ds.scan().select(cols).with_row_index("_row").collect()
+    df = df.with_columns(record_problems(ds), pl.col("kind").fill_null(""), pl.col("id").fill_null(""))
     if cfg.text.normalize:
         df = df.with_columns(normalize_series(df[c]).alias(c) for c in ("caption", "question", "answer"))
     df = df.with_columns(
@@ -536,7 +622,13 @@ def synth_payloads(tab) -> list[str]:  # type: ignore[no-untyped-def]
             c["question"], c["source"]),
         img_b, img_p, teacher, template,
     ):
-        meta = "{}" if not m or m == "{}" else canonical_json(json.loads(m))
+        if not m or m == "{}":
+            meta = "{}"
+        else:
+            try:
+                meta = canonical_json(json.loads(m))
+            except ValueError:  # an invalid_record row: keep what was stored, as a JSON string
+                meta = js(m)
         if b is None:
             d = "null"
         else:
@@ -544,11 +636,12 @@ def synth_payloads(tab) -> list[str]:  # type: ignore[no-untyped-def]
             if d is None:
                 d = dig[b] = '"' + digest(b) + '"'
         out.append(
-            f'{{"answer":{js(ans)},"caption":{js(cap)},"id":{enc(id_)},"image":{{"digest":{d},"path":{js(p)}}},'
-            f'"key":{enc(key)},"kind":{enc(kind)},"meta":{meta},"params_hash":{enc(ph)},"parent_id":{enc(par)},'
+            f'{{"answer":{js(ans)},"caption":{js(cap)},"id":{js(id_)},"image":{{"digest":{d},"path":{js(p)}}},'
+            f'"key":{js(key)},"kind":{js(kind)},"meta":{meta},"params_hash":{js(ph)},"parent_id":{js(par)},'
             f'"question":{js(q)},"source":{js(src)},'
-            f'"teacher":{{"backend":{js(t["backend"])},"model":{js(t["model"])},"revision":{js(t["revision"])}}},'
-            f'"template":{{"hash":{js(tp["hash"])},"name":{js(tp["name"])}}}}}'
+            + ('"teacher":null,' if t is None else
+               f'"teacher":{{"backend":{js(t["backend"])},"model":{js(t["model"])},"revision":{js(t["revision"])}}},')
+            + ('"template":null}' if tp is None else f'"template":{{"hash":{js(tp["hash"])},"name":{js(tp["name"])}}}}}')
         )
     return out
 
@@ -559,6 +652,9 @@ def quarantine_table(reasons: list[str], details: list[str], record_ids: list[st
     import pyarrow as pa
     from json.encoder import encode_basestring as enc
 
+    record_ids = [i or "" for i in record_ids]  # an invalid_record row may lack them
+    keys = [k or "" for k in keys]
+    parents = [p or "" for p in parents]
     ids = [xxhash.xxh3_128_hexdigest(f'["QuarantineRecord","curate",{enc(r)},{enc(i)},{enc(k)},""]'.encode())
            for r, i, k in zip(reasons, record_ids, keys)]
     n = len(ids)
@@ -653,14 +749,55 @@ def run_curation(
     show_progress: bool = True,
     console: Any = None,
 ) -> CurationResult:
-    """Curate ``DATA/synthetic`` into ``DATA/curated`` (see the module docstring)."""
-    pl = _pl()
-    cfg = config or CurationConfig()
+    """Curate ``DATA/synthetic`` into ``DATA/curated`` (see the module docstring).
+
+    Holds the workspace lock for the whole run; ``curated/`` is rebuilt beside the old one and swapped in
+    when complete (:mod:`cocoa.curation.output`).
+    """
+    from .output import workspace_lock
+
     ws = Workspace(data)
+    with workspace_lock(ws.root, "cocoa-data curate", f"there is no {ws.synthetic} to curate; run `cocoa-data synth "
+                        f"--out {ws.root}` first"):
+        return _run_curation(ws, config or CurationConfig(), eval_data, show_progress, console)
+
+
+def quarantine_summary(path: Path, top: int = 5) -> tuple[int, list[tuple[str, int]]] | None:
+    """(rows, [(reason, count), ...] most frequent first) of a QuarantineRecord dataset, or None if unreadable."""
+    pl = _pl()
+    try:
+        q = open_dataset(path, record_type="QuarantineRecord", verify=False)
+        counts = q.scan().group_by("reason").len().sort(["len", "reason"], descending=[True, False]).collect()
+    except (RecordError, OSError, pl.exceptions.PolarsError):
+        return None
+    return len(q), [(r, int(n)) for r, n in counts.head(top).iter_rows()]
+
+
+def _no_rows_message(ws: Workspace) -> str:
+    qs = quarantine_summary(ws.quarantine) if (ws.quarantine / MANIFEST).is_file() else None
+    if qs and qs[0]:
+        n, top = qs
+        reasons = ", ".join(f"{r} {c}" for r, c in top)
+        return (f"{ws.synthetic} has no rows: every teacher output of the synth run failed validation ({n} rows "
+                f"quarantined in {ws.quarantine}; top reasons: {reasons}). See them with `cocoa-data inspect "
+                f"{ws.quarantine}`, fix the teacher, model or prompts and rerun `cocoa-data synth`; or train stages "
+                "1-2 on original pairs only: `cocoa-data mix --ratio 1:0`")
+    return (f"{ws.synthetic} has no rows and nothing was quarantined: the synth run had no input pairs. Check "
+            f"{ws.original} and rerun `cocoa-data synth`, or train stages 1-2 on original pairs only: "
+            "`cocoa-data mix --ratio 1:0`")
+
+
+def _run_curation(ws: Workspace, cfg: CurationConfig, eval_data: str | Path | None, show_progress: bool,
+                  console: Any) -> CurationResult:
+    from .output import check_replaceable, staged_output
+
+    pl = _pl()
     t_start = time.perf_counter()
-    ds = open_checked(ws.synthetic, "SynthRecord", "synthetic data")
+    ds = open_checked(ws.synthetic, "SynthRecord", "synthetic data",
+                      f"run `cocoa-data synth --out {ws.root}` first (it writes {ws.synthetic})")
     if len(ds) == 0:
-        raise ShardError(f"{ws.synthetic} has no rows: nothing to curate (run `cocoa-data synth` first)")
+        raise ShardError(_no_rows_message(ws))
+    check_replaceable(ws.curated, "cocoa-data curate")  # refuse a foreign curated/ before any work
     timings: dict[str, float] = {}
     progress = make_progress(console, show_progress)
     with progress:
@@ -709,9 +846,20 @@ def run_curation(
         sub = df[keep_idx] if len(keep_idx) else df.head(0)
         for c in ("caption", "question", "answer"):
             kept = kept.set_column(kept.schema.get_field_index(c), c, pa.array(sub[c].to_list(), type=pa.string()))
-    with ShardWriter(ws.curated, "SynthRecord", mode="overwrite", provenance=prov) as w:
+    with staged_output(ws.curated, "curated", "cocoa-data curate") as stage:  # swapped in when complete
+        _write_outputs(stage, prov, kept, table, df, reasons, rej_idx, orig_rows)
+        timings["write"] = round(time.perf_counter() - t0, 3)
+        report = _report(ws, df, ctx, cfg, eval_data, eval_index, orig_report, in_ck, keep_idx, rej_idx, n_images,
+                         timings, t_start)
+        atomic_write_json(stage / "report.json", report)
+    return CurationResult(report=report, kept=int(len(keep_idx)), rejected=int(len(rej_idx)) + len(orig_rows))
+
+
+def _write_outputs(stage: Path, prov: dict[str, Any], kept, table, df, reasons, rej_idx,  # type: ignore[no-untyped-def]
+                   orig_rows: list[dict[str, Any]]) -> None:
+    with ShardWriter(stage, "SynthRecord", mode="create", provenance=prov) as w:
         w.write_table(kept)
-    with ShardWriter(ws.rejected, "QuarantineRecord", mode="overwrite", provenance=prov) as w:
+    with ShardWriter(stage / "rejected", "QuarantineRecord", mode="create", provenance=prov) as w:
         det = df[DETAIL]
         for s in range(0, len(rej_idx), 20_000):
             part = rej_idx[s:s + 20_000]
@@ -725,9 +873,12 @@ def run_curation(
             ))
         for row in orig_rows:
             w.write_row(row)
-    timings["write"] = round(time.perf_counter() - t0, 3)
 
-    # --- report ------------------------------------------------------------------------------------
+
+def _report(ws: Workspace, df, ctx: Context, cfg: CurationConfig, eval_data, eval_index,  # type: ignore[no-untyped-def]
+            orig_report: dict[str, Any], in_ck: dict[str, Any], keep_idx, rej_idx, n_images: int,
+            timings: dict[str, float], t_start: float) -> dict[str, Any]:
+    pl = _pl()
     counts = df.group_by(REASON).len().filter(pl.col(REASON).is_not_null())
     by_rule = dict(zip(counts[REASON].to_list(), counts["len"].to_list()))
     kinds_in = dict(df.group_by("kind").len().sort("kind").iter_rows())
@@ -757,8 +908,7 @@ def run_curation(
         "total_s": round(time.perf_counter() - t_start, 3),
         "outputs": {"curated": str(ws.curated), "rejected": str(ws.rejected)},
     }
-    atomic_write_json(ws.curated / "report.json", report)
-    return CurationResult(report=report, kept=int(len(keep_idx)), rejected=int(len(rej_idx)) + len(orig_rows))
+    return report
 
 
 def make_progress(console: Any = None, show: bool = True):  # type: ignore[no-untyped-def]

@@ -1,0 +1,79 @@
+"""Writing a workspace output directory (``curated/``, ``mix/``) so that nothing else is ever touched.
+
+``curate`` and ``mix`` rebuild their output from scratch on every run. They never read the old output's
+manifest to decide what to delete (a tampered manifest could name any file on disk). Instead:
+
+1. the whole workspace is locked (:func:`workspace_lock`): a second ``curate``/``mix`` (or another cocoa
+   writer holding the workspace lock) fails at once with a one-line error naming the holder;
+2. the new output is written into a hidden sibling ``.NAME.tmp-PID`` that carries cocoa's marker;
+3. only when it is complete, the old directory is renamed aside and the new one renamed into place
+   (a reader sees the old output or the new one, never a half-written one), and the old directory is
+   deleted with :func:`cocoa.fs.remove_owned_tree`: only when it is cocoa's (marker or cocoa manifest) or
+   empty. A directory that holds someone else's files is refused *before* any work starts.
+
+Leftover ``.NAME.tmp-*`` / ``.NAME.old-*`` directories of a killed run are removed by the next run (they
+carry the marker, and the lock guarantees nobody else is writing them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..fs import MARKER, NotOwnedError, exclusive_lock, has_content, is_owned, mark_owned, remove_owned_tree
+from ..shards import ShardError, fsync_dir
+
+
+def check_replaceable(path: Path, command: str) -> None:
+    """Refuse (before any work) an output path that ``command`` could not delete safely afterwards."""
+    if path.is_symlink():
+        raise NotOwnedError(f"{path} is a symbolic link; `{command}` writes a fresh directory there and will not "
+                            "replace a link. Remove the link or choose another --data")
+    if path.exists() and not path.is_dir():
+        raise NotOwnedError(f"{path} is a file, not a directory cocoa made; `{command}` will not replace it. "
+                            "Move it away or choose another --data")
+    if has_content(path) and not is_owned(path):
+        raise NotOwnedError(
+            f"{path} holds files that cocoa did not write (no {MARKER} marker or cocoa manifest); `{command}` "
+            "replaces this directory on every run and only deletes its own output. Move those files away or "
+            "choose another --data"
+        )
+
+
+@contextlib.contextmanager
+def workspace_lock(root: Path, command: str, missing_hint: str) -> Iterator[None]:
+    """Hold the workspace's exclusive lock (``ROOT/.cocoa.lock``) for the ``with`` block."""
+    if not root.is_dir():
+        raise ShardError(f"workspace {root} does not exist: {missing_hint}")
+    with exclusive_lock(root, what=""):
+        yield
+
+
+@contextlib.contextmanager
+def staged_output(final: Path, kind: str, command: str) -> Iterator[Path]:
+    """Yield an empty staging directory; on success it replaces ``final`` (see the module docstring).
+
+    Call it while holding the workspace lock. On an exception the staging directory is removed and
+    ``final`` is left exactly as it was.
+    """
+    check_replaceable(final, command)
+    parent = final.parent
+    for stale in sorted([*parent.glob(f".{final.name}.tmp-*"), *parent.glob(f".{final.name}.old-*")]):
+        remove_owned_tree(stale, flag=f"`{command}`")
+    stage = parent / f".{final.name}.tmp-{os.getpid()}"
+    mark_owned(stage, kind)
+    try:
+        yield stage
+    except BaseException:
+        with contextlib.suppress(OSError, NotOwnedError):
+            remove_owned_tree(stage, flag=f"`{command}`")
+        raise
+    old = parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        os.rename(final, old)
+    os.rename(stage, final)
+    fsync_dir(parent)
+    if old.exists():
+        remove_owned_tree(old, flag=f"`{command}`")
