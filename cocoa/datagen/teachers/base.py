@@ -11,7 +11,14 @@ the orchestrator, never here), token counts, and, when no text could be obtained
   incomplete with a clear message.
 
 Configuration problems that would fail every request (no such model, bad API key, vLLM missing) raise
-:class:`TeacherError` at once.
+:class:`TeacherError` at once; so does a *systematic* failure noticed while running (the server refuses
+several requests in a row with the same answer, e.g. ``transformers serve`` pinned to another model):
+:class:`TeacherSystematicError`, a :class:`TeacherError` whose message carries the server's answer.
+Nothing of the batch that hit it is quarantined, and the run stops with a non-zero exit.
+
+A teacher's text is checked with :func:`text_problem` before it leaves the backend: text that is not valid
+UTF-8 (invalid bytes in an HTTP body, a lone surrogate from a ``\\ud83d`` JSON escape) cannot be stored in
+a shard, so it becomes a ``rejected`` result whose error shows the text with the bad parts escaped.
 """
 
 from __future__ import annotations
@@ -30,6 +37,25 @@ ErrorKind = Literal["rejected", "unavailable"]
 
 class TeacherError(RecordError):
     """A teacher cannot run at all (missing package, model, credentials); the message says what to do."""
+
+
+class TeacherSystematicError(TeacherError):
+    """Every request fails the same way (the same HTTP 4xx answer several times in a row): the run stops
+    with the server's message instead of quarantining each request as if it were the request's fault."""
+
+
+def text_problem(text: str) -> str | None:
+    """Why ``text`` cannot be stored as UTF-8 (a lone surrogate), or None when it can."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"character {e.object[e.start:e.end]!a} at offset {e.start} is not valid UTF-8 ({e.reason})"
+    return None
+
+
+def printable(text: str, limit: int = 2000) -> str:
+    """``text`` cut to ``limit`` characters with anything that is not valid UTF-8 escaped (safe to store)."""
+    return text[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass(frozen=True)

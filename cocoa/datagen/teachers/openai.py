@@ -9,8 +9,22 @@ honoured up to the backoff cap). Images travel as base64 ``data:`` URLs. Structu
 - ``none``: no constraint; every output is still validated by the orchestrator.
 
 The API key is read from an environment variable (``api_key_env``) and sent as a bearer token; it is never
-logged, printed or stored in outputs. HTTP 401/403/404 stop the run at once (wrong key, URL or model); other
-4xx answers are per-request rejections (quarantined with the server's message).
+logged, printed or stored in outputs. What each answer becomes:
+
+- HTTP 200 with a chat completion: the text (checked to be valid UTF-8; if not, a ``rejected`` result
+  naming the bad bytes, so the orchestrator quarantines it with its reason).
+- HTTP 200 whose body is not a chat completion (a proxy's HTML page, an empty body, an ``error`` object,
+  truncated JSON): *transient*, retried like a 5xx; ``unavailable`` when retries run out (never a
+  permanent rejection: a rerun asks again).
+- HTTP 408/409/425/429/5xx, connection errors, and no complete answer within ``timeout`` seconds: retried.
+  ``timeout`` is a total deadline per attempt (connect + send + the whole body), so a server trickling
+  one byte at a time cannot stretch it.
+- HTTP 401/403/404: the run stops at once (wrong key, URL or model).
+- Other 4xx: a per-request rejection (quarantined with the server's message) -- unless the server gives
+  the *same* answer to ``max_identical_rejections`` requests in a row with no success in between (e.g.
+  ``transformers serve`` answering 400 "Server is pinned to ..." for a wrong ``--model``): that is not
+  about one request, so :class:`~cocoa.datagen.teachers.base.TeacherSystematicError` stops the run with
+  the server's message, and nothing of that batch is quarantined.
 """
 
 from __future__ import annotations
@@ -22,7 +36,8 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from .base import Teacher, TeacherError, TeacherRequest, TeacherResult, chat_messages, data_url
+from .base import (Teacher, TeacherError, TeacherRequest, TeacherResult, TeacherSystematicError, chat_messages,
+                   data_url, printable, text_problem)
 
 RETRY_STATUS = frozenset({408, 409, 425, 429})
 FATAL_STATUS = {401: "unauthorized", 403: "forbidden", 404: "not found"}
@@ -45,6 +60,7 @@ class OpenAITeacher(Teacher):
         batch_size: int | None = None,
         backoff_base: float = 0.5,
         backoff_max: float = 30.0,
+        max_identical_rejections: int = 5,
     ) -> None:
         if structured not in ("auto", "json_schema", "vllm", "none"):
             raise TeacherError(f"structured must be auto, json_schema, vllm or none, not {structured!r}")
@@ -61,6 +77,8 @@ class OpenAITeacher(Teacher):
         self.batch_size = batch_size or 4 * self.concurrency
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
+        self.max_identical_rejections = max(1, int(max_identical_rejections))
+        self._same_rejection: tuple[str, int] = ("", 0)  # (answer, how many requests in a row got it)
 
     @property
     def url(self) -> str:
@@ -120,6 +138,21 @@ class OpenAITeacher(Teacher):
                 pass
         return d
 
+    def _served(self) -> None:
+        self._same_rejection = ("", 0)
+
+    def _rejected(self, status: int, text: str) -> None:
+        """Count identical 4xx answers in a row; stop the run when they are clearly not per-request."""
+        answer = f"HTTP {status}: {text[:300]}"
+        same, n = self._same_rejection
+        n = n + 1 if answer == same else 1
+        self._same_rejection = (answer, n)
+        if n >= self.max_identical_rejections:
+            raise TeacherSystematicError(
+                f"{self.url} refused {n} requests in a row with the same answer, {answer.strip()} -- this is not "
+                f"about one request: check --model {self.model!r} (it must be the model the server serves), "
+                "--base-url and the server's settings, then rerun (nothing was quarantined for these requests)")
+
     async def _one(self, client: Any, sem: asyncio.Semaphore, r: TeacherRequest) -> TeacherResult:
         import httpx
 
@@ -131,44 +164,66 @@ class OpenAITeacher(Teacher):
             retry_after = None
             try:
                 async with sem:
-                    resp = await client.post(self.url, content=payload)
-            except httpx.TimeoutException as e:
-                last = f"timeout after {self.timeout:g} s ({type(e).__name__}) from {self.url}"
+                    # a total deadline: httpx's timeouts are per read, which a trickling server never trips
+                    async with asyncio.timeout(self.timeout):
+                        resp = await client.post(self.url, content=payload)
+            except (TimeoutError, httpx.TimeoutException) as e:
+                last = (f"timeout: no complete answer within {self.timeout:g} s ({type(e).__name__}) from {self.url}; "
+                        "raise --request-timeout if the server is slow but working")
             except httpx.TransportError as e:
                 last = f"cannot reach {self.url} ({type(e).__name__}: {e})"
             else:
                 status = resp.status_code
                 if status == 200:
-                    return self._parse(r, resp.text, attempts)
-                text = resp.text[:2000]
-                if status in FATAL_STATUS:
-                    hint = (f"check the key in ${self.api_key_env}" if status in (401, 403)
-                            else f"check --base-url (…/v1) and --model {self.model!r}")
-                    raise TeacherError(f"{self.url} answered HTTP {status} ({FATAL_STATUS[status]}): {text[:300]}; {hint}")
-                if status in RETRY_STATUS or status >= 500:
-                    last = f"HTTP {status} from {self.url}: {text[:300]}"
-                    retry_after = resp.headers.get("retry-after")
-                else:  # 400, 413, 422, ...: this request cannot be served as it is
-                    return TeacherResult(r.key, None, error=f"HTTP {status}: {text}", error_kind="rejected",
-                                         transport_attempts=attempts)
+                    result = self._parse(r, resp.content, attempts)
+                    if isinstance(result, TeacherResult):
+                        self._served()
+                        return result
+                    last = result  # not a chat completion: transient (a proxy's page, a truncated body)
+                else:
+                    text = resp.content.decode("utf-8", "replace")[:2000]
+                    if status in FATAL_STATUS:
+                        hint = (f"check the key in ${self.api_key_env}" if status in (401, 403)
+                                else f"check --base-url (…/v1) and --model {self.model!r}")
+                        raise TeacherError(f"{self.url} answered HTTP {status} ({FATAL_STATUS[status]}): {text[:300]}; {hint}")
+                    if status in RETRY_STATUS or status >= 500:
+                        last = f"HTTP {status} from {self.url}: {text[:300]}"
+                        retry_after = resp.headers.get("retry-after")
+                    else:  # 400, 413, 422, ...: this request cannot be served as it is (unless all are refused)
+                        self._rejected(status, text)
+                        return TeacherResult(r.key, None, error=f"HTTP {status}: {text}", error_kind="rejected",
+                                             transport_attempts=attempts)
             if attempt < self.http_retries:
                 await asyncio.sleep(self._delay(attempt, retry_after))
         return TeacherResult(r.key, None, error=f"{last} (after {attempts} attempts)", error_kind="unavailable",
                              transport_attempts=attempts)
 
-    def _parse(self, r: TeacherRequest, body: str, attempts: int) -> TeacherResult:
+    def _parse(self, r: TeacherRequest, raw: bytes, attempts: int) -> TeacherResult | str:
+        """The result of an HTTP 200, or (a str) why the body is not a chat completion (transient)."""
+        try:
+            body, bad_bytes = raw.decode("utf-8"), None
+        except UnicodeDecodeError as e:
+            body, bad_bytes = raw.decode("utf-8", "replace"), f"byte(s) {raw[e.start:e.end]!r} at offset {e.start}"
         try:
             data = json.loads(body)
-            choice = data["choices"][0]
-            content = choice["message"].get("content")
+            content = data["choices"][0]["message"].get("content")
         except (json.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError) as e:
-            return TeacherResult(r.key, None, error=f"malformed chat-completion response ({type(e).__name__}): {body[:2000]}",
-                                 error_kind="rejected", transport_attempts=attempts)
+            what = "an empty body" if not body.strip() else f"{type(e).__name__}"
+            return (f"HTTP 200 from {self.url} is not a chat completion ({what}; a proxy or gateway answering?): "
+                    f"{printable(body, 300)!r}")
         if isinstance(content, list):  # some servers return content parts
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        usage = data.get("usage") or {}
-        return TeacherResult(
-            r.key, content if isinstance(content, str) else "",
-            prompt_tokens=int(usage.get("prompt_tokens") or 0), completion_tokens=int(usage.get("completion_tokens") or 0),
-            transport_attempts=attempts,
-        )
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+        text = content if isinstance(content, str) else ""
+        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        tokens = {}
+        for k in ("prompt_tokens", "completion_tokens"):
+            try:
+                tokens[k] = int(usage.get(k) or 0)
+            except (TypeError, ValueError):
+                tokens[k] = 0
+        problem = (f"the HTTP body has invalid {bad_bytes}, shown as U+FFFD" if bad_bytes and "\ufffd" in text
+                   else text_problem(text))
+        if problem:
+            return TeacherResult(r.key, None, error=f"the answer is not valid UTF-8 text ({problem}): {printable(text)}",
+                                 error_kind="rejected", transport_attempts=attempts, **tokens)
+        return TeacherResult(r.key, text, transport_attempts=attempts, **tokens)

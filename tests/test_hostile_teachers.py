@@ -1,0 +1,221 @@
+"""Hostile teacher servers (issue 12, items 11 and 6): the openai backend against REAL HTTP servers on
+127.0.0.1 that answer HTML with status 200, trickle one byte per 0.1 s, refuse every request with the same
+4xx, or send text that is not UTF-8. Each answer must end as a retry, a clean stop or a quarantine row
+with its reason -- never a silent permanent rejection, a hang or a traceback."""
+
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cocoa.datagen.schemas import json_schema
+from cocoa.datagen.synth import SynthConfig, SynthIncomplete, run_synth
+from cocoa.datagen.teachers.base import Sampling, TeacherError, TeacherRequest
+from cocoa.datagen.teachers.openai import OpenAITeacher
+from cocoa.shards import ShardError, open_dataset
+
+HTML = b"<html><head><title>502 Bad Gateway</title></head><body><h1>Bad Gateway</h1>nginx</body></html>"
+PINNED = b'{"error": "Server is pinned to Qwen/Qwen2.5-VL-3B-Instruct, but you requested wrong-model"}'
+
+
+def _ok(content: str) -> bytes:
+    return json.dumps({"id": "x", "object": "chat.completion",
+                       "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+                       "usage": {"prompt_tokens": 3, "completion_tokens": 2}}).encode()
+
+
+class Server:
+    """A real HTTP server on 127.0.0.1 (port 0). ``behave(n, request_json)`` returns
+    ``(status, content_type, body_bytes)`` or ``("trickle", body_bytes, seconds_per_byte)``."""
+
+    def __init__(self, behave):
+        self.behave, self.n, self.lock = behave, 0, threading.Lock()
+        outer = self
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                data = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with outer.lock:
+                    outer.n += 1
+                    n = outer.n
+                ans = outer.behave(n, data)
+                try:
+                    if ans[0] == "trickle":
+                        _, body, dt = ans
+                        self.send_response(200)
+                        self.send_header("Content-Type", "application/json")
+                        self.send_header("Content-Length", str(len(body)))
+                        self.end_headers()
+                        for i in range(len(body)):
+                            self.wfile.write(body[i:i + 1])
+                            time.sleep(dt)
+                        return
+                    status, ctype, body = ans
+                    self.send_response(status)
+                    self.send_header("Content-Type", ctype)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up: fine
+                    pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    made = []
+
+    def make(behave):
+        made.append(Server(behave))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.close()
+
+
+@pytest.fixture(scope="module")
+def image():
+    from cocoa.datagen.sources.scenes import iter_train_pairs
+
+    return next(p for p in iter_train_pairs(3) if p.qry_image is not None).qry_image.bytes
+
+
+def _req(image, key="k"):
+    return TeacherRequest(key=key, task="caption", prompt="Describe.", image=image, schema=json_schema("caption"),
+                          seed=5, sampling=Sampling(max_tokens=16))
+
+
+def _teacher(url, **kw):
+    kw = {"http_retries": 2, "backoff_base": 0.01, "backoff_max": 0.02, "timeout": 5.0, **kw}
+    return OpenAITeacher(url, "teacher-model", **kw)
+
+
+def _cfg(url, out, **kw):
+    kw = {"http_retries": 1, "max_unavailable": 2, **kw}
+    return SynthConfig(source="scenes", scenes_n=3, out=str(out), backend="openai", base_url=url, model="teacher-model",
+                       tasks=["caption"], progress=False, **kw)
+
+
+# -- (a) an HTTP 200 that is not a chat completion is transient --------------------------------------
+def test_http_200_html_page_is_retried_then_served(server, image):
+    s = server(lambda n, d: (200, "text/html", HTML) if n <= 2 else (200, "application/json", _ok('{"caption": "a cube"}')))
+    r = _teacher(s.url).generate([_req(image)])[0]
+    assert r.text == '{"caption": "a cube"}' and r.transport_attempts == 3 and s.n == 3
+
+
+@pytest.mark.parametrize("body", [HTML, b"", b'{"object": "error", "message": "upstream overloaded"}', b"[1, 2"])
+def test_http_200_without_a_completion_is_unavailable_not_rejected(server, image, body):
+    s = server(lambda n, d: (200, "text/html", body))
+    r = _teacher(s.url).generate([_req(image)])[0]
+    assert r.text is None and r.error_kind == "unavailable" and r.transport_attempts == 3 and s.n == 3
+    assert "HTTP 200" in r.error and "not a chat completion" in r.error
+    if body == HTML:
+        assert "Bad Gateway" in r.error  # the proxy's page is shown, so the user sees who answered
+
+
+def test_synth_html_answers_are_not_quarantined_and_a_rerun_serves_them(server, tmp_path):
+    healthy = {"on": False}
+    s = server(lambda n, d: (200, "application/json", _ok('{"caption": "a fine caption"}')) if healthy["on"]
+               else (200, "text/html", HTML))
+    out = tmp_path / "o"
+    with pytest.raises(SynthIncomplete, match="Bad Gateway"):
+        run_synth(_cfg(s.url, out))
+    assert len(open_dataset(out / "synthetic" / "quarantine", allow_incomplete=True)) == 0  # nothing "rejected"
+    healthy["on"] = True
+    summ = run_synth(_cfg(s.url, out))
+    assert summ.complete and summ.ok == summ.requests == 3 and summ.quarantined == 0
+    assert len(open_dataset(out / "synthetic")) == 3
+
+
+# -- (b) a total deadline per request --------------------------------------------------------------
+def test_trickling_server_cannot_defeat_the_request_timeout(server, image):
+    body = _ok('{"caption": "' + "x" * 200 + '"}')  # ~300 bytes at 0.1 s each: 30 s if trickled to the end
+    s = server(lambda n, d: ("trickle", body, 0.1))
+    t0 = time.time()
+    r = _teacher(s.url, timeout=1.5, http_retries=0).generate([_req(image)])[0]
+    took = time.time() - t0
+    assert took < 4.0, f"a 1.5 s request timeout took {took:.1f} s"
+    assert r.text is None and r.error_kind == "unavailable" and "1.5 s" in r.error and "timeout" in r.error
+
+
+def test_slow_but_in_time_answer_is_accepted(server, image):
+    body = _ok('{"caption": "ok"}')
+    s = server(lambda n, d: ("trickle", body, 0.002))
+    r = _teacher(s.url, timeout=5.0, http_retries=0).generate([_req(image)])[0]
+    assert r.text == '{"caption": "ok"}'
+
+
+# -- (c) a systematic failure stops the run ------------------------------------------------------------
+def test_the_same_4xx_for_every_request_stops_with_the_servers_message(server, image):
+    s = server(lambda n, d: (400, "application/json", PINNED))
+    t = _teacher(s.url, concurrency=2)
+    with pytest.raises(TeacherError, match="Server is pinned to") as e:
+        t.generate([_req(image, f"k{i}") for i in range(40)])
+    assert "HTTP 400" in str(e.value) and "--model" in str(e.value)
+    assert s.n < 12  # stopped after a few, not one request per item
+
+
+def test_distinct_or_interleaved_rejections_stay_per_request(server, image):
+    # every other request is refused with the same message, the rest are served: a per-request problem
+    s = server(lambda n, d: (400, "application/json", b'{"error": "image too small"}') if d["seed"] % 2
+               else (200, "application/json", _ok('{"caption": "x"}')))
+    reqs = [_req(image, f"k{i}") for i in range(12)]
+    for i, r in enumerate(reqs):
+        r.seed = i
+    res = _teacher(s.url, concurrency=1).generate(reqs)
+    assert [r.error_kind for r in res] == [None, "rejected"] * 6
+    assert all("image too small" in r.error for r in res[1::2])
+
+
+def test_cli_synth_with_a_pinned_server_exits_nonzero_and_quarantines_nothing(server, tmp_path):
+    s = server(lambda n, d: (400, "application/json", PINNED))
+    out = tmp_path / "o"
+    exe = str(Path(sys.executable).parent / "cocoa-data")
+    p = subprocess.run([exe, "synth", "--source", "scenes", "--scenes-n", "8", "--out", str(out), "--backend", "openai",
+                        "--base-url", s.url, "--model", "wrong-model", "--tasks", "caption", "--http-retries", "0",
+                        "--no-progress"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "COLUMNS": "200"})
+    both = p.stdout + p.stderr
+    assert p.returncode != 0, both
+    assert "Server is pinned to" in both and "Traceback" not in both, both
+    assert s.n < 12
+    q = out / "synthetic" / "quarantine"
+    assert not (q / "manifest.json").exists() or len(open_dataset(q, allow_incomplete=True)) == 0
+    with pytest.raises(ShardError):  # the run did not claim to be complete
+        open_dataset(out / "synthetic")
+
+
+# -- item 6: answers that are not UTF-8 ------------------------------------------------------------------
+def test_answer_with_invalid_utf8_bytes_is_rejected_with_its_reason(server, image):
+    body = _ok('{"caption": "a red cube XX"}').replace(b"XX", b"\xff\xfe")
+    s = server(lambda n, d: (200, "application/json", body))
+    r = _teacher(s.url).generate([_req(image)])[0]
+    assert r.text is None and r.error_kind == "rejected" and s.n == 1
+    assert "not valid UTF-8" in r.error and "a red cube" in r.error
+    r.error.encode("utf-8")  # the quarantine row can be written
+
+
+def test_answer_with_a_lone_surrogate_is_rejected_not_crashing_the_writer(server, tmp_path):
+    s = server(lambda n, d: (200, "application/json", _ok('{"caption": "half an emoji \ud83d"}')))
+    summ = run_synth(_cfg(s.url, tmp_path / "o"))
+    assert summ.complete and summ.ok == 0 and summ.quarantined == 3
+    rows = list(open_dataset(tmp_path / "o" / "synthetic" / "quarantine"))
+    assert len(rows) == 3 and all(r.reason == "rejected" and "not valid UTF-8" in r.detail for r in rows)
