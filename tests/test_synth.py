@@ -133,11 +133,13 @@ def test_duplicate_images_make_one_request_and_unusable_records_are_quarantined(
     write_records(src, "PairRecord", good + [dup, nograph, corrupt])
     cfg = SynthConfig(source="scenes", scenes_dir=str(src), out=str(tmp_path / "o"), progress=False)
     s = run_synth(cfg)
-    # 4 images x (caption, qa); the duplicate adds nothing
-    assert s.pairs == 5 and s.requests == 8 and s.ok == 4 and s.quarantined == 4 and s.complete
+    # 4 images x (caption, qa); the duplicate adds nothing; the pair with the corrupt image is quarantined
+    # too (not copied into original/)
+    assert s.pairs == 5 and s.requests == 8 and s.ok == 4 and s.quarantined == 5 and s.complete
+    assert s.originals == 4 and corrupt.id not in {p.id for p in open_dataset(tmp_path / "o" / "original")}
     rows = list(open_dataset(tmp_path / "o" / "synthetic" / "quarantine"))
-    assert Counter(r.reason for r in rows) == {"rejected": 2, "image_unreadable": 2}
-    assert {r.meta["task"] for r in rows} == {"caption", "qa"}
+    assert Counter(r.reason for r in rows) == {"rejected": 2, "image_unreadable": 3}
+    assert {r.meta["task"] for r in rows if "task" in r.meta} == {"caption", "qa"}
     q = {r.reason: r for r in rows}
     assert "scene graph" in q["rejected"].detail and q["image_unreadable"].stage == "source"
     assert "corrupt" in q["image_unreadable"].detail or "cannot be decoded" in q["image_unreadable"].detail

@@ -24,7 +24,14 @@ def synth(config: SynthConfig) -> None:
       synthetic/              teacher output (SynthRecord: one per caption / per QA pair)
       synthetic/quarantine/   output that failed validation after retries (raw text + reason)
     Resumable: rerun the same command after a crash or kill; finished work is skipped.
-    Split across workers with --shard-index i --num-shards n (same flags otherwise).
+    Split across workers with --shard-index i --num-shards n (same flags otherwise); one
+    process per part at a time (a second one on the same --out and part stops at once).
+    Zero usable source pairs is an error (exit 1); a quarantined share above 10% is a warning.
+
+    \b
+    Defaults per backend: --max-tokens 768 --max-retries 2 (vllm, openai); the transformers
+    teacher (often on a CPU for a first try) uses --max-tokens 256 --max-retries 1. Raise them
+    for long captions or a larger --qa-per-image, e.g. --max-tokens 768 --max-retries 2.
 
     \b
     Examples:
@@ -50,6 +57,9 @@ def synth(config: SynthConfig) -> None:
     finally:
         signal.signal(signal.SIGTERM, previous)
     _print_summary(con, s)
+    warning = s.quarantine_warning()
+    if warning:
+        click.secho(f"warning: {warning}", fg="yellow", err=True)
 
 
 def _sigterm_as_interrupt() -> Any:

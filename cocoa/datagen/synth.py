@@ -37,7 +37,6 @@ import fcntl
 import itertools
 import json
 import queue
-import shutil
 import threading
 import time
 from collections import Counter
@@ -49,6 +48,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from ..config import Config, ConfigError
+from ..fs import exclusive_lock, has_content, is_locked, mark_owned, remove_owned_tree
 from ..prompts import PromptLibrary, Template, clean_text, image_kind
 from ..records import (
     ImageRef,
@@ -84,6 +84,13 @@ DEFAULT_TEACHER = "Qwen/Qwen2.5-VL-7B-Instruct"
 SCENES_TEACHER = "cocoa/scenes-teacher"
 VLLM_MAX_PIXELS = 1003520  # 1280 * 28 * 28: ~1280 visual tokens for Qwen2/2.5-VL
 _HUGE = 1 << 60  # ShardWriter limits: this module decides when to commit (request boundaries)
+#: Defaults of --max-tokens / --max-retries per backend. The transformers teacher runs on the local
+#: device (often a CPU for a first try): 768 tokens x 3 attempts took 13 min for 24 requests there.
+BACKEND_DEFAULTS: dict[str, dict[str, int]] = {
+    "default": {"max_tokens": 768, "max_retries": 2},
+    "transformers": {"max_tokens": 256, "max_retries": 1},
+}
+QUARANTINE_WARN_SHARE = 0.10  # a larger quarantined share of the finished requests is a warning
 
 
 # =============================================================================================
@@ -137,11 +144,14 @@ class SynthConfig(Config):
     structured: Literal["auto", "json_schema", "vllm", "none"] = Field(
         "auto", description="openai backend: how to ask for schema-constrained output (auto: response_format "
         "json_schema; vllm: vLLM's structured_outputs extra body too; none: rely on validation)")
-    max_retries: int = Field(2, ge=0, description="Retries (new seed) of output that fails validation, then quarantine")
+    max_retries: int | None = Field(None, ge=0, description="Retries (new seed) of output that fails validation, then "
+                                    "quarantine (default per backend: 2; transformers 1)")
     max_unavailable: int = Field(16, ge=1, description="Stop after this many requests in a row fail to be served")
     temperature: float = Field(0.7, ge=0, description="Sampling temperature")
     top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling")
-    max_tokens: int = Field(768, ge=1, description="Max new tokens per output")
+    max_tokens: int | None = Field(None, ge=1, description="Max new tokens per output (default per backend: 768; "
+                                   "transformers 256, enough for a caption or 3 QA pairs and quick on a CPU; raise it "
+                                   "for long captions or a larger --qa-per-image)")
     seed: int = Field(0, description="Base seed (per-request seeds derive from it and the request key)")
     min_pixels: int | None = Field(None, ge=1, description="Image min pixels for the processor (vllm/transformers)")
     max_pixels: int | None = Field(None, ge=1, description="Image max pixels for the processor (vllm: 1003520 if "
@@ -169,8 +179,19 @@ class SynthConfig(Config):
             raise ValueError("tasks is empty; give caption, qa or both")
         return self
 
-    def sampling(self) -> Sampling:
-        return Sampling(temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens, seed=self.seed)
+    def resolved_max_tokens(self, backend: str | None = None) -> int:
+        if self.max_tokens is not None:
+            return self.max_tokens
+        return BACKEND_DEFAULTS.get(backend or self.resolved_backend(), BACKEND_DEFAULTS["default"])["max_tokens"]
+
+    def resolved_max_retries(self, backend: str | None = None) -> int:
+        if self.max_retries is not None:
+            return self.max_retries
+        return BACKEND_DEFAULTS.get(backend or self.resolved_backend(), BACKEND_DEFAULTS["default"])["max_retries"]
+
+    def sampling(self, backend: str | None = None) -> Sampling:
+        return Sampling(temperature=self.temperature, top_p=self.top_p, max_tokens=self.resolved_max_tokens(backend),
+                        seed=self.seed)
 
     def resolved_backend(self) -> str:
         if self.backend != "auto":
@@ -196,9 +217,9 @@ class SynthConfig(Config):
             raise ConfigError("--backend transformers needs --model (a model id or a local directory)")
         return DEFAULT_TEACHER
 
-    def key_options(self) -> dict[str, Any]:
+    def key_options(self, backend: str | None = None) -> dict[str, Any]:
         """Backend options that change what the model sees (part of each request key)."""
-        backend = self.resolved_backend()
+        backend = backend or self.resolved_backend()
         if backend == "vllm":
             return {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels or VLLM_MAX_PIXELS}
         if backend == "transformers":
@@ -332,10 +353,13 @@ class Source:
     write_original: bool          # False when the input already is OUT/original
     describe: str
     report: Any = None            # rows the source skipped (bad images...), as QuarantineRecords
+    images_checked: bool = False  # the reader already decoded every image (MMEB): no second decode
 
 
 def _dataset_source(name: str, path: Path, ws: Workspace, limit: int | None) -> Source:
-    ds = open_dataset(path, verify=False, record_type="PairRecord")
+    # Source pairs are checked against their sha256 (flipped bytes must not reach the teacher or
+    # original/): the read costs about as much as reading the pairs once, small against generation.
+    ds = open_dataset(path, verify=True, record_type="PairRecord")
     total = len(ds) if limit is None else min(len(ds), limit)
     same = path.resolve() == ws.original.resolve()
     pairs: Iterable[PairRecord] = iter(ds)
@@ -348,6 +372,9 @@ def open_source(config: SynthConfig, ws: Workspace) -> Source:
     if config.source == "scenes":
         if config.scenes_dir:
             root = Path(config.scenes_dir)
+            if not root.is_dir():
+                raise RecordError(f"--scenes-dir {root}: no such directory; build a scenes dataset with "
+                                  "`cocoa-data scenes --out DIR` and pass that DIR")
             path = root / "original" if is_dataset(root / "original") else root
             if not is_dataset(path):
                 raise RecordError(f"--scenes-dir {root}: no scenes dataset there (no original/manifest.json); "
@@ -368,13 +395,16 @@ def _mmeb_source(config: SynthConfig) -> Source:
 
     report = mmeb.SourceReport()
     src: str | Path = config.mmeb_dir or mmeb.TRAIN_REPO
+    # validates its arguments now (before any output exists), rows come lazily
     pairs: Iterable[PairRecord] = mmeb.iter_mmeb_train(
         src, subsets=list(config.subsets) or None, split=config.mmeb_split, max_per_subset=config.max_per_subset,
-        image_dir=config.mmeb_image_dir, report=report)
+        image_dir=config.mmeb_image_dir, report=report, source_flag="--mmeb-dir" if config.mmeb_dir else "",
+        image_dir_flag="--mmeb-image-dir", split_flag="--mmeb-split")
     if config.limit is not None:
         pairs = itertools.islice(pairs, config.limit)
     total = _mmeb_row_estimate(config)
-    return Source("mmeb", pairs, total, None, True, f"MMEB-train ({config.mmeb_split}) from {src}", report=report)
+    return Source("mmeb", pairs, total, None, True, f"MMEB-train ({config.mmeb_split}) from {src}", report=report,
+                  images_checked=True)
 
 
 def _mmeb_row_estimate(config: SynthConfig) -> int | None:
@@ -429,6 +459,8 @@ class SynthSummary:
     records: Counter = field(default_factory=Counter)   # SynthRecords written by kind
     reasons: Counter = field(default_factory=Counter)   # quarantine reasons
     originals: int = 0
+    bad_pairs: int = 0            # source pairs whose image cannot be read/decoded: quarantined, not in original/
+    source_skipped: Counter = field(default_factory=Counter)  # rows the source reader set aside, by reason
     prompt_tokens: int = 0
     completion_tokens: int = 0
     images: int = 0
@@ -441,11 +473,34 @@ class SynthSummary:
         d = {k: v for k, v in self.__dict__.items() if k != "examples"}
         d["out"] = str(self.out)
         d["records"], d["reasons"] = dict(self.records), dict(self.reasons)
+        d["source_skipped"] = dict(self.source_skipped)
         return d
+
+    @property
+    def usable_pairs(self) -> int:
+        return self.pairs - self.bad_pairs
+
+    def top_reasons(self, n: int = 5) -> str:
+        c = self.reasons + Counter({f"source:{k}": v for k, v in self.source_skipped.items()
+                                    if f"source:{k}" not in self.reasons})
+        return ", ".join(f"{k} {v}" for k, v in c.most_common(n)) or "-"
+
+    def quarantine_warning(self, share: float = QUARANTINE_WARN_SHARE) -> str | None:
+        """A one-line warning when more than ``share`` of this run's finished work was quarantined."""
+        done = self.ok + self.quarantined
+        if not self.quarantined or self.quarantined <= share * done:
+            return None
+        return (f"{self.quarantined} of {done} finished items ({100 * self.quarantined / done:.0f}%) were quarantined; "
+                f"top reasons: {self.top_reasons()}. The rows and their reasons are in "
+                f"{Workspace(self.out).quarantine}")
 
 
 class SynthIncomplete(RecordError):
     """The run stopped with work left (server unavailable); committed work is kept, rerun to finish."""
+
+
+class SynthEmpty(RecordError):
+    """The run finished but the source gave no usable pair: nothing to train on (a failure, not a success)."""
 
 
 class Synthesizer:
@@ -460,13 +515,16 @@ class Synthesizer:
         self.backend = teacher.backend if teacher is not None else config.resolved_backend()
         self.model = teacher.model if teacher is not None else config.resolved_model()
         self.revision = teacher.revision if teacher is not None else config.revision
-        self.sampling = config.sampling()
-        self.params = {**self.sampling.as_dict(), **config.key_options()}
+        self.sampling = config.sampling(self.backend)
+        self.max_retries = config.resolved_max_retries(self.backend)
+        self.params = {**self.sampling.as_dict(), **config.key_options(self.backend)}
         self.params_hash = digest(canonical_json(self.params))[:16]
         self.k = config.qa_per_image
         self.schemas = {t: json_schema(t, self.k) for t in config.tasks}
         self.schema_hashes = {t: schema_hash(t, self.k) for t in config.tasks}
         self.schema_text = {t: json.dumps(s, separators=(",", ":")) for t, s in self.schemas.items()}
+        # every template this run may select renders now: a bad one fails before any output exists
+        self.lib.check(list(config.tasks), k=self.k, schemas=self.schema_text)
         self._teacher = teacher
         self.console = console
         self.part = part_name(config.shard_index, config.num_shards)
@@ -491,20 +549,47 @@ class Synthesizer:
                     )
 
     # -- planning (runs in a background thread) ---------------------------------------------------
-    def _plan(self, source: Source, done: set[str]) -> Iterator[tuple[str, Any]]:
+    def _plan(self, source: Source, done: set[str], orig_done: set[str] | None = None) -> Iterator[tuple[str, Any]]:
+        """Yield, per source pair: ``("pair", pair)`` (to copy into original/ when this worker owns it),
+        or ``("bad_pair", (key, pair, errors))`` when one of its images cannot be read or decoded (it goes
+        to quarantine, never to original/), then its requests: ``("request", Planned)``, ``("skip", key)``
+        (done earlier) or ``("unreadable", ...)``."""
         cfg = self.config
         seen: set[tuple[str, str]] = set()
+        decoded: dict[str, str | None] = {}  # image digest -> decode error (None: decodes)
+
+        def decode_error(data: bytes, d: str, name: str) -> str | None:
+            if source.images_checked:
+                return None
+            if d not in decoded:
+                try:
+                    decode_image(data, name=name)
+                    decoded[d] = None
+                except RecordError as e:
+                    decoded[d] = str(e)
+            return decoded[d]
+
         for pair in source.pairs:
-            yield "pair", pair
-            for role, ref in (("query", pair.qry_image), ("positive", pair.pos_image)):
+            owns_pair = (source.write_original and partition(pair.id, cfg.num_shards) == cfg.shard_index
+                         and (orig_done is None or pair.id not in orig_done))
+            images: dict[str, tuple[bytes | None, str]] = {}
+            for role, ref in (("query", pair.qry_image), ("positive", pair.pos_image), ("negative", pair.neg_image)):
                 if ref is None:
                     continue
                 try:
-                    data = ref.read_bytes(source.image_root)
+                    images[role] = (ref.read_bytes(source.image_root), "")
                 except RecordError as e:
+                    images[role] = (None, str(e))
+            requests: list[tuple[str, Any]] = []
+            bad: dict[str, str] = {r: err for r, (data, err) in images.items() if data is None}
+            for role in ("query", "positive"):
+                if role not in images:
+                    continue
+                data, err = images[role]
+                if data is None:
                     key = content_id(KEY_VERSION, "unreadable", pair.id, role)
                     if partition(key, cfg.num_shards) == cfg.shard_index:
-                        yield ("skip", key) if key in done else ("unreadable", (key, pair, role, str(e), ""))
+                        requests.append(("skip", key) if key in done else ("unreadable", (key, pair, role, err, "")))
                     continue
                 d = digest(data)
                 kind = image_kind(pair.source, pair.meta)
@@ -523,19 +608,30 @@ class Synthesizer:
                     if partition(key, cfg.num_shards) != cfg.shard_index:
                         continue
                     if key in done:
-                        yield "skip", key
+                        requests.append(("skip", key))
                         continue
                     todo.append(Planned(key, task, kind, role, pair, data, d, tpl, prompt))
-                if not todo:
+                if not todo and not owns_pair:
                     continue
-                try:  # only images this worker will send are decoded (a corrupt one would fail a whole batch)
-                    decode_image(data, name=f"{pair.source} record {pair.id} ({role} image)")
-                except RecordError as e:
-                    for p in todo:
-                        yield "unreadable", (p.key, pair, role, str(e), p.task)
+                # only images this worker uses are decoded (a corrupt one would fail a whole batch)
+                err = decode_error(data, d, f"{pair.source} record {pair.id} ({role} image)")
+                if err is not None:
+                    bad[role] = err
+                    requests += [("unreadable", (p.key, pair, role, err, p.task)) for p in todo]
                     continue
-                for p in todo:
-                    yield "request", p
+                requests += [("request", p) for p in todo]
+            if owns_pair and "negative" in images and "negative" not in bad:
+                data = images["negative"][0]
+                assert data is not None
+                err = decode_error(data, digest(data), f"{pair.source} record {pair.id} (negative image)")
+                if err is not None:
+                    bad["negative"] = err
+            if owns_pair and bad:
+                key = content_id(KEY_VERSION, "bad-pair", pair.id)
+                yield ("skip_pair", key) if key in done else ("bad_pair", (key, pair, bad))
+            else:
+                yield "pair", (pair, images if owns_pair else None)
+            yield from requests
 
     @staticmethod
     def _prefetch(it: Iterator[Any], depth: int) -> Iterator[Any]:
@@ -578,8 +674,11 @@ class Synthesizer:
         source = open_source(self.config, self.ws)
         done = self._done_keys()
         for kind, item in self._plan(source, done):
-            if kind == "pair":
+            if kind in ("pair", "bad_pair", "skip_pair"):
                 s.pairs += 1
+                if kind != "pair":
+                    s.bad_pairs += 1
+                    s.reasons["image_unreadable"] += kind == "bad_pair"
             elif kind == "skip":
                 s.requests += 1
                 s.skipped += 1
@@ -598,12 +697,26 @@ class Synthesizer:
         return _load_column(self.ws.synthetic, "key") | _load_column(self.ws.quarantine, "key")
 
     # -- the real run -----------------------------------------------------------------------------
+    def lock_name(self) -> str:
+        return f".cocoa-synth-{self.part}.lock"
+
     def run(self) -> SynthSummary:
         if self.config.dry_run:
             return self.dry_run()
-        cfg = self.config
         t0 = time.time()
-        source = open_source(cfg, self.ws)
+        source = open_source(self.config, self.ws)  # every input is checked here, before anything is created
+        root = self.ws.root
+        fresh = not root.exists() or (root.is_dir() and not root.is_symlink() and not has_content(root))
+        # One writer per part: a second `synth` on the same --out and part fails at once; other parts
+        # (--shard-index) have their own lock and run concurrently. The kernel drops it on death.
+        with exclusive_lock(root, name=self.lock_name(),
+                            what=f"it runs `cocoa-data synth` on the same part ({self.part});"):
+            if fresh:
+                mark_owned(root, "workspace")
+            return self._run_locked(source, t0)
+
+    def _run_locked(self, source: Source, t0: float) -> SynthSummary:
+        cfg = self.config
         self._prepare(source)
         fp = self.fingerprint()
         self._check_fingerprint(fp)
@@ -658,6 +771,18 @@ class Synthesizer:
                 f"(last error: {self._last_unavailable}). Everything finished is committed; rerun the same "
                 "command to retry the rest (outputs stay marked incomplete until then)"
             )
+        if source.report is not None:
+            self.summary.source_skipped = Counter(source.report.skipped)
+        if self.summary.usable_pairs <= 0:
+            s = self.summary
+            raise SynthEmpty(
+                f"no usable source pairs: {s.pairs} read from {source.describe}"
+                + (f", {s.bad_pairs} with an unreadable image" if s.bad_pairs else "")
+                + (f", {sum(s.source_skipped.values())} row(s) set aside by the reader" if s.source_skipped else "")
+                + f" (top reasons: {s.top_reasons()}). Nothing to train on; the rows and their reasons are in "
+                f"{self.ws.quarantine}. Fix the source (missing image zips? wrong --mmeb-dir / --mmeb-image-dir / "
+                "--scenes-dir?) and rerun"
+            )
         return self.summary
 
     def teacher_info(self) -> dict[str, str]:
@@ -682,9 +807,14 @@ class Synthesizer:
                 raise ConfigError(
                     "--overwrite with --num-shards > 1 would let workers delete each other's output; remove "
                     f"{self.ws.synthetic} (and {self.ws.original}) once before starting the workers")
+            busy = [f.name for f in sorted(self.ws.root.glob(".cocoa-synth-part-*.lock"))
+                    if f.name != self.lock_name() and is_locked(self.ws.root, name=f.name)]
+            if busy:
+                raise ConfigError(f"--overwrite: other `cocoa-data synth` workers are writing {self.ws.root} "
+                                  f"({', '.join(b.removeprefix('.cocoa-synth-').removesuffix('.lock') for b in busy)}); "
+                                  "wait for them to finish or stop them first")
             for d in dirs:
-                if d.exists():
-                    shutil.rmtree(d)
+                remove_owned_tree(d, flag="--overwrite")  # only cocoa's own datasets (or empty dirs)
         for d in dirs:
             _check_ours(d)
         if source.write_original and is_dataset(self.ws.original):
@@ -709,17 +839,29 @@ class Synthesizer:
         bs = cfg.batch_size or self.teacher.batch_size
         work: list[Planned] = []
         s = self.summary
-        for kind, item in self._prefetch(self._plan(source, done), depth=4 * bs):
+        for kind, item in self._prefetch(self._plan(source, done, orig_done), depth=4 * bs):
             if kind == "pair":
                 s.pairs += 1
-                if self.orig_w is not None and item.id not in orig_done and partition(item.id, cfg.num_shards) == cfg.shard_index:
-                    self.orig_w.write(_embedded(item, source.image_root))
-                    orig_done.add(item.id)
+                pair, images = item
+                if self.orig_w is not None and images is not None and pair.id not in orig_done:
+                    self.orig_w.write(_embedded(pair, images))
+                    orig_done.add(pair.id)
                     s.originals += 1
                     self._pending_orig += 1
                 self._bar.advance()
                 if self._pending_orig >= cfg.commit_every:
                     self._commit()
+            elif kind in ("bad_pair", "skip_pair"):  # an image that cannot be decoded: quarantine, not original/
+                s.pairs += 1
+                s.bad_pairs += 1
+                self._bar.advance()
+                if kind == "bad_pair":
+                    key, pair, errors = item
+                    detail = "; ".join(f"{role} image: {err}" for role, err in errors.items())
+                    self._quarantine_row(key, pair, "image_unreadable", f"pair not copied to original/: {detail}", "",
+                                         {"roles": sorted(errors)}, stage="source",
+                                         payload=canonical_json({"id": pair.id, "source": pair.source,
+                                                                 "qry_text": pair.qry_text, "pos_text": pair.pos_text}))
             elif kind == "skip":
                 s.requests += 1
                 s.skipped += 1
@@ -789,7 +931,7 @@ class Synthesizer:
             try:
                 out = parse_output(p.task, r.text, self.k)
             except OutputError as e:
-                if p.attempt < cfg.max_retries:
+                if p.attempt < self.max_retries:
                     p.attempt += 1
                     retry.append(p)
                 else:
@@ -899,13 +1041,14 @@ class Synthesizer:
         )
 
 
-def _embedded(pair: PairRecord, root: Path | None) -> PairRecord:
-    """The pair with path-referenced images embedded (their paths are relative to another root)."""
+def _embedded(pair: PairRecord, images: dict[str, tuple[bytes | None, str]]) -> PairRecord:
+    """The pair with path-referenced images embedded (their paths are relative to another root), from
+    the bytes already read (and checked) while planning."""
     upd = {}
-    for name in ("qry_image", "pos_image", "neg_image"):
+    for name, role in (("qry_image", "query"), ("pos_image", "positive"), ("neg_image", "negative")):
         ref = getattr(pair, name)
         if ref is not None and ref.bytes is None:
-            upd[name] = ImageRef(bytes=ref.read_bytes(root))
+            upd[name] = ImageRef(bytes=images[role][0])
     return pair.model_copy(update=upd) if upd else pair
 
 
@@ -915,6 +1058,6 @@ def run_synth(config: SynthConfig, teacher: Teacher | None = None, console: Any 
 
 
 __all__ = [
-    "SynthConfig", "VllmOptions", "Synthesizer", "SynthSummary", "SynthIncomplete", "run_synth", "request_key",
+    "SynthConfig", "VllmOptions", "Synthesizer", "SynthSummary", "SynthIncomplete", "SynthEmpty", "run_synth", "request_key",
     "partition", "part_name", "merge_parts", "list_parts", "TASKS",
 ]
