@@ -219,3 +219,13 @@ def test_answer_with_a_lone_surrogate_is_rejected_not_crashing_the_writer(server
     assert summ.complete and summ.ok == 0 and summ.quarantined == 3
     rows = list(open_dataset(tmp_path / "o" / "synthetic" / "quarantine"))
     assert len(rows) == 3 and all(r.reason == "rejected" and "not valid UTF-8" in r.detail for r in rows)
+
+
+def test_local_backends_text_check_rejects_a_lone_surrogate():
+    from cocoa.datagen.teachers.base import checked_result
+
+    ok = checked_result("k", "a red cube ✓", prompt_tokens=2)
+    assert ok.text == "a red cube ✓" and ok.error_kind is None and ok.prompt_tokens == 2
+    bad = checked_result("k", "half \ud83d emoji")
+    assert bad.text is None and bad.error_kind == "rejected" and "\\ud83d" in bad.error and "offset 5" in bad.error
+    bad.error.encode("utf-8")  # the quarantine row can be written

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import Sampling, Teacher, TeacherError, TeacherRequest, TeacherResult
+from .base import Sampling, Teacher, TeacherError, TeacherRequest, TeacherResult, TeacherSystematicError
 
 if TYPE_CHECKING:
     from ..synth import SynthConfig
@@ -56,4 +56,5 @@ def build_teacher(config: SynthConfig) -> Teacher:
     raise TeacherError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
 
 
-__all__ = ["BACKENDS", "Sampling", "Teacher", "TeacherError", "TeacherRequest", "TeacherResult", "build_teacher"]
+__all__ = ["BACKENDS", "Sampling", "Teacher", "TeacherError", "TeacherRequest", "TeacherResult", "TeacherSystematicError",
+           "build_teacher"]

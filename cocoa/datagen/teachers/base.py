@@ -44,20 +44,6 @@ class TeacherSystematicError(TeacherError):
     with the server's message instead of quarantining each request as if it were the request's fault."""
 
 
-def text_problem(text: str) -> str | None:
-    """Why ``text`` cannot be stored as UTF-8 (a lone surrogate), or None when it can."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        return f"character {e.object[e.start:e.end]!a} at offset {e.start} is not valid UTF-8 ({e.reason})"
-    return None
-
-
-def printable(text: str, limit: int = 2000) -> str:
-    """``text`` cut to ``limit`` characters with anything that is not valid UTF-8 escaped (safe to store)."""
-    return text[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 @dataclass(frozen=True)
 class Sampling:
     """Decoding settings shared by all backends (part of every request key)."""
@@ -94,6 +80,29 @@ class TeacherResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     transport_attempts: int = 1
+
+
+def text_problem(text: str) -> str | None:
+    """Why ``text`` cannot be stored as UTF-8 (a lone surrogate), or None when it can."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"character {e.object[e.start:e.end]!a} at offset {e.start} is not valid UTF-8 ({e.reason})"
+    return None
+
+
+def printable(text: str, limit: int = 2000) -> str:
+    """``text`` cut to ``limit`` characters with anything that is not valid UTF-8 escaped (safe to store)."""
+    return text[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def checked_result(key: str, text: str, **kw: Any) -> TeacherResult:
+    """A result for ``text``, or a ``rejected`` one naming the problem when it cannot be stored as UTF-8."""
+    problem = text_problem(text)
+    if problem:
+        return TeacherResult(key, None, error=f"the answer is not valid UTF-8 text ({problem}): {printable(text)}",
+                             error_kind="rejected", **kw)
+    return TeacherResult(key, text, **kw)
 
 
 class Teacher(ABC):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .base import Teacher, TeacherError, TeacherRequest, TeacherResult
+from .base import Teacher, TeacherError, TeacherRequest, TeacherResult, checked_result
 
 PLAIN_LAYOUT = "<|vision_start|><|image_pad|><|vision_end|>{prompt}\n"
 
@@ -92,7 +92,7 @@ class TransformersTeacher(Teacher):
             n = next((t for t, x in enumerate(ids) if x in eos), len(ids))
             text = self.tokenizer.decode(ids[:n], skip_special_tokens=True)
             n_prompt = int(inputs["attention_mask"][j].sum()) if "attention_mask" in inputs else prompt_len
-            results.append(TeacherResult(r.key, text, prompt_tokens=n_prompt, completion_tokens=n))
+            results.append(checked_result(r.key, text, prompt_tokens=n_prompt, completion_tokens=n))
         return results
 
 

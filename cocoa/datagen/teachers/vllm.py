@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
-from .base import Teacher, TeacherError, TeacherRequest, TeacherResult, chat_messages, data_url
+from .base import Teacher, TeacherError, TeacherRequest, TeacherResult, chat_messages, data_url, checked_result
 
 QWEN_VL_PROMPT = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -127,6 +127,6 @@ class VllmTeacher(Teacher):
         results = []
         for r, o in zip(requests, outs):
             c = o.outputs[0]
-            results.append(TeacherResult(r.key, c.text, prompt_tokens=len(o.prompt_token_ids or []),
-                                         completion_tokens=len(c.token_ids or [])))
+            results.append(checked_result(r.key, c.text, prompt_tokens=len(o.prompt_token_ids or []),
+                                          completion_tokens=len(c.token_ids or [])))
         return results
