@@ -25,13 +25,13 @@ import functools
 import hashlib
 import io
 import random
-import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ...fs import NotOwnedError, exclusive_lock, has_content, is_owned, mark_owned, remove_owned_tree
 from ...records import EvalRecord, ImageRef, PairRecord, RecordError, digest
 
 # ---------------------------------------------------------------------------------------------
@@ -901,8 +901,6 @@ def build_benchmark(
     Each directory is built under a temporary name and moved into place when complete, so an
     interrupted build never leaves a directory a reader would take for a finished one.
     """
-    from ...shards import ShardWriter, atomic_write_json
-
     if image_size < 28:
         raise RecordError(f"image_size {image_size} is too small; use at least 28 (one 14-px patch pair)")
     if n_train < 0 or eval_per_task < 0 or n_distractors < 1:
@@ -913,21 +911,34 @@ def build_benchmark(
     if unknown:
         raise RecordError(f"unknown scenes dataset(s) {unknown}; known: {', '.join(DATASETS)}")
     targets = [root / "original"] + [root / "eval" / n for n in names]
-    existing = [p for p in targets if p.exists()]
+    existing = [p for p in targets if p.exists() or p.is_symlink()]
     if existing and not overwrite:
         raise RecordError(f"{existing[0]} already exists; pass overwrite=True (--overwrite) or choose another --out")
+    for p in existing:  # refuse before building anything: --overwrite replaces only cocoa's own datasets
+        if p.is_symlink() or not p.is_dir() or (has_content(p) and not is_owned(p)):
+            raise NotOwnedError(f"{p} exists and was not made by cocoa (no cocoa manifest or marker); --overwrite only "
+                                "replaces cocoa's own output. Remove it yourself if you mean it, or choose another --out")
+    fresh = not root.exists() or (root.is_dir() and not has_content(root))
+    with exclusive_lock(root, name=".cocoa-scenes.lock", what="it is building a scenes benchmark there;"):
+        if fresh:
+            mark_owned(root, "workspace")
+        return _build(root, names, n_train, eval_per_task, n_distractors, seed, image_size, progress, shard_rows)
+
+
+def _build(root: Path, names: list[str], n_train: int, eval_per_task: int, n_distractors: int, seed: int,
+           image_size: int, progress: Progress | None, shard_rows: int) -> dict[str, Any]:
+    from ...shards import ShardWriter, atomic_write_json
+
     (root / "eval").mkdir(parents=True, exist_ok=True)
     prog = progress or (lambda stage, done, total: None)
 
     def tmp_for(p: Path) -> Path:
         t = p.with_name(f".{p.name}.tmp")
-        if t.exists():
-            shutil.rmtree(t)
+        remove_owned_tree(t, flag="a rebuild")  # an interrupted build's own leftover (cocoa-made) only
         return t
 
     def swap(tmp: Path, final: Path) -> None:
-        if final.exists():
-            shutil.rmtree(final)
+        remove_owned_tree(final, flag="--overwrite")
         tmp.rename(final)
 
     params = {"n_train": n_train, "eval_per_task": eval_per_task, "n_distractors": n_distractors, "seed": seed,
