@@ -27,6 +27,9 @@ See docs/training.md for the settings, presets and the 8-GPU recipe.
 def cli(ctx: click.Context, config: TrainConfig) -> None:
     """Train an embedding model with CoCoA stages 1, 2, 3 (bidirectional warm-up, EOS-bridged
     reconstruction under collaborative attention, InfoNCE on the EOS embedding)."""
+    from ..progress import quiet_libraries
+
+    quiet_libraries()  # transformers' / hub bars would interleave with cocoa's (subcommands included)
     if ctx.invoked_subcommand is not None:
         return
     from ..train.loop import run_training

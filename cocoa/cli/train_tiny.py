@@ -35,13 +35,19 @@ def tiny_model(config: TinyModelConfig) -> None:
     `AutoProcessor.from_pretrained`): safetensors weights, a locally trained byte-level BPE tokenizer with
     Qwen2-VL's special tokens and <|mask|>, a Qwen2VLProcessor with small min/max pixels, and cocoa.json.
     """
+    from ..progress import quiet_libraries
     from ..train.tiny import build_tiny_model
+
+    quiet_libraries()
+
+    from ..fs import mark_owned
 
     out = Path(config.out)
     _prepare_out(out, config.overwrite)
     c = console()
     with c.status(f"building the tiny {config.arch} ..."):
         build_tiny_model(out, arch=config.arch, seed=config.seed)
+    mark_owned(out, "model")  # a later --overwrite may replace it
     spec = (out / "cocoa.json").read_text()
     import json
 
@@ -49,14 +55,29 @@ def tiny_model(config: TinyModelConfig) -> None:
     c.print(f"[green]tiny {config.arch}[/green] ({extra['num_parameters']:,} parameters, seed {config.seed}) -> {out}")
 
 
+def _is_legacy_model(out: Path) -> bool:
+    """A model directory cocoa wrote before the ownership marker existed (cocoa.json + config.json)."""
+    import json
+
+    try:
+        return (out / "config.json").is_file() and "eos_token" in json.loads((out / "cocoa.json").read_bytes())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    """An --out that is new or empty is used as is; --overwrite replaces only a model directory cocoa made
+    (its marker, or a pre-marker cocoa model); anything else is refused, nothing is deleted."""
+    from ..fs import has_content, mark_owned, remove_owned_tree
+
+    if out.exists() and not out.is_dir() and not out.is_symlink():
+        raise click.UsageError(f"--out {out} is a file; give a directory (cocoa never deletes a file it did not make)")
+    if out.is_dir() and has_content(out):
         if not overwrite:
             raise click.UsageError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
-        if out.is_dir():
-            shutil.rmtree(out)
-        else:
-            out.unlink()
+        if _is_legacy_model(out) and not out.is_symlink():
+            mark_owned(out, "model")
+        remove_owned_tree(out)  # refuses foreign directories, cwd, home, symlinks with a clear message
 
 
 @click.command("pretrain-tiny")
@@ -69,8 +90,11 @@ def pretrain_tiny(config: PretrainConfig) -> None:
     data's shard checksums and the settings: a second call with the same settings returns at once.
     With --out the cached model is also copied there. Loss per step: pretrain_metrics.jsonl in the model.
     """
+    from ..progress import quiet_libraries
     from ..train.pretrain import pretrained_tiny_dir, read_metrics
     from ..train.spec import EmbeddingSpec
+
+    quiet_libraries()
 
     if config.out:
         out = Path(config.out)
@@ -101,8 +125,13 @@ def pretrain_tiny(config: PretrainConfig) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(d, tmp)
         if out.exists():
-            out.rmdir()  # empty (checked above)
+            from ..fs import remove_owned_tree
+
+            remove_owned_tree(out)  # empty, or only cocoa's marker (checked above)
         tmp.rename(out)
+        from ..fs import mark_owned
+
+        mark_owned(out, "model")
         c.print(f"[green]copied to[/green] {out}")
 
 

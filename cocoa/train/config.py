@@ -142,7 +142,10 @@ class TrainConfig(Config):
     log_every: int = Field(1, ge=1, description="write a metrics line every N steps")
     keep_checkpoints: int = Field(2, ge=1, description="complete checkpoints kept per stage")
     tensorboard: bool = Field(False, description="also write TensorBoard event files under OUT/tensorboard")
-    progress: bool = Field(True, description="rich progress bar")
+    progress: bool = Field(True, description="progress: a live bar on a terminal, plain periodic lines in logs and pipes")
+    on_bad_row: Literal["raise", "skip"] = Field(
+        "raise", description="a row whose image cannot be read: raise (stop, naming dataset, row and file) or skip "
+                             "(counted in metrics.jsonl and the stage summary)")
     lora: LoraSection = Field(default_factory=LoraSection)
     stage1: Stage1Section = Field(default_factory=Stage1Section)
     stage2: Stage2Section = Field(default_factory=Stage2Section)

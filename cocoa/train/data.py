@@ -66,11 +66,40 @@ class ArrowRecords:
         self._files = self._ds.files
         self._tables: list[pa.Table] | None = None
         counts = [s.num_rows for s in self._ds.manifest.shards]
+        self._check_rows(counts)
         self._starts = [0]
         for c in counts:
             self._starts.append(self._starts[-1] + c)
         self._lengths: list[int] | None = None
         self._rows: list[int] | None = None  # selected row ids (stage filter); None = all
+
+    def _check_rows(self, counts: list[int]) -> None:
+        """The manifest's row counts must be the shards' (an edited ``num_rows`` would index past a shard),
+        and every shard must have the record type's columns. Cheap: memory-mapped, no row is read."""
+        from ..shards import MANIFEST, schema_for
+
+        mf = self.root / MANIFEST
+        if sum(counts) != self._ds.manifest.num_rows:
+            raise DataError(f"{mf}: num_rows says {self._ds.manifest.num_rows} but its shards list {sum(counts)} rows; "
+                            "the manifest was edited or damaged: regenerate the dataset")
+        try:
+            tables = self._open()
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{self.root}: a shard is not a readable Arrow file ({e}); regenerate the dataset") from None
+        want = schema_for(self.record_type).names
+        for f, t, c in zip(self._files, tables, counts):
+            if t.num_rows != c:
+                raise DataError(f"{f} holds {t.num_rows} rows but {mf} says {c}; the manifest or the shard was edited: "
+                                "regenerate the dataset")
+            missing = [n for n in want if n not in t.schema.names]
+            if missing:
+                raise DataError(f"{f} lacks the {self.record_type} column(s) {', '.join(missing)}; it is not a "
+                                f"{self.record_type} shard: regenerate the dataset")
+
+    def where(self, i: int) -> str:
+        """``DATASET/FILE row J`` of item ``i``, for messages."""
+        f, j = self._locate(i)
+        return f"{self._files[f]} row {j}"
 
     # -- pickling (DataLoader workers): memory maps are reopened in the worker -------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -167,6 +196,21 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, e
     return batches
 
 
+def batch_too_large(stage: int | None, where: str, rows: int, batch_size: int) -> str:
+    """The message for a dataset smaller than one global batch: which stage, which flag, what value fits."""
+    flag = f"--stage{stage}-batch-size" if stage else "--stageK-batch-size"
+    who = f"stage {stage}: " if stage else ""
+    return (f"{who}{where} has {rows} rows, fewer than one global batch of {batch_size}; lower {flag} to at most "
+            f"{rows} (e.g. {flag} {_pow2_at_most(rows)}) or add data")
+
+
+def _pow2_at_most(n: int) -> int:
+    p = 1
+    while p * 2 <= n:
+        p *= 2
+    return p
+
+
 def rank_slice(batch: Sequence[int], rank: int, world: int) -> list[int]:
     per = len(batch) // world
     return list(batch[rank * per:(rank + 1) * per])
@@ -181,12 +225,10 @@ class Position:
 class BatchStream:
     """Global batches for steps ``start, start+1, ...`` over as many epochs as needed."""
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, *, group_by_length: bool = True) -> None:
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, *, group_by_length: bool = True,
+                 stage: int | None = None, where: str = "the dataset") -> None:
         if len(lengths) < batch_size:
-            raise DataError(
-                f"the dataset has {len(lengths)} rows, fewer than one global batch of {batch_size}; "
-                "lower --stageK-batch-size or add data"
-            )
+            raise DataError(batch_too_large(stage, where, len(lengths), batch_size))
         self.lengths = lengths
         self.batch_size = batch_size
         self.seed = seed

@@ -25,7 +25,7 @@ import math
 import os
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from .config import TrainConfig, resolve_preset
 
 QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl")
 METRICS = "metrics.jsonl"
+TRUNCATION_WARN = 0.05  # warn when more than this share of a stage's samples is cut to --stageK-max-length
 
 
 class TrainError(RecordError):
@@ -94,6 +95,7 @@ def validate(config: TrainConfig, *, resolve_default: bool = True) -> Plan:
     from ..shards import MANIFEST, read_manifest
 
     plans: list[StagePlan] = []
+    verified: dict[Path, Any] = {}
     for k in stages:
         d = _stage_data(config, k)
         want = "PairRecord" if k == 3 else "MixRecord"
@@ -111,6 +113,21 @@ def validate(config: TrainConfig, *, resolve_default: bool = True) -> Plan:
             raise TrainError(f"{d} is incomplete (its writer was interrupted); rerun the command that made it")
         if m.num_rows == 0:
             raise TrainError(f"{d} holds no records; rebuild it")
+        # Every shard is checked in full here, before any compute: size, row counts, columns and its sha256
+        # (a flipped byte is refused, never trained on). The sha256 costs ~0.3 s per GB of shards, against minutes
+        # to hours of training (docs/training.md).
+        from .data import ArrowRecords, batch_too_large
+
+        records = verified.get(d)
+        if records is None:
+            records = verified[d] = ArrowRecords(d, verify=True)
+        n = _stage_rows(records, k) if records.record_type == "MixRecord" else len(records)
+        if n == 0:
+            raise TrainError(f"{d}: no record is marked for stage {k} (column 'stages'); rebuild the mixture with "
+                             f"stage {k} included, or point --stage{k}-data elsewhere")
+        bs = config.stage(k).batch_size
+        if n < bs:
+            raise TrainError(batch_too_large(k, str(d) if k == 3 else f"{d} (rows marked for stage {k})", n, bs))
         plans.append(StagePlan(k, d, m.record_type, "", Path(config.out) / f"stage{k}"))
     # -- model ------------------------------------------------------------------------------------
     note = ""
@@ -121,6 +138,12 @@ def validate(config: TrainConfig, *, resolve_default: bool = True) -> Plan:
         model, note = default_model_dir()
     check_model(model, config)
     return Plan(config=config, model=model, model_note=note, stages=plans)
+
+
+def _stage_rows(records: Any, k: int) -> int:
+    """Rows of a MixRecord dataset marked for stage ``k`` (0 when none)."""
+    stages = records._column("stages").to_pylist()
+    return sum(1 for v in stages if k in (v or []))
 
 
 def _load_json(path: Path) -> dict[str, Any]:
@@ -175,6 +198,12 @@ def check_model(model: str, config: TrainConfig) -> None:
                          "(Qwen: <|endoftext|>)")
     text_cfg = cfg.get("text_config") or cfg
     n_embed = int(text_cfg.get("vocab_size") or cfg.get("vocab_size") or 0)
+    if mask in vocab and n_embed:
+        from .model import vocab_mismatch
+
+        msg = vocab_mismatch(len(tok), max(vocab.values()), n_embed, f"--model {model}")
+        if msg:
+            raise TrainError(msg)
     if mask not in vocab and len(tok) >= n_embed:
         raise TrainError(
             f"the tokenizer of {model} has no mask token {mask!r} and the embedding matrix ({n_embed} rows) has no "
@@ -219,35 +248,129 @@ def _stage_done(stage_dir: Path) -> bool:
     return (m / "cocoa.json").is_file() and (m / "config.json").is_file()
 
 
-def _config_hash(config: TrainConfig) -> str:
+# Settings that never change what a finished step computed: a rerun may change them freely.
+_FREE = ("resume", "overwrite", "progress", "tensorboard", "num_workers", "log_every", "stages", "keep_checkpoints",
+         "on_bad_row", "preset")  # the preset is resolved into the values compared below
+_FREE_STAGE = ("save_every",)
+_STAGE_KEYS = tuple(f"stage{k}" for k in (1, 2, 3))
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def run_settings(config: TrainConfig, stages: Any = (1, 2, 3)) -> dict[str, Any]:
+    """The settings that decide what stages ``stages`` compute, flattened (``stage3.batch_size``, ``lora.r``).
+
+    Run-wide settings (model, data, seed, lora, precision, tokens, ...) count for every stage; a stage's own
+    section counts only for that stage. Display-only and bookkeeping settings (:data:`_FREE`) never count."""
     d = config.model_dump(mode="json")
-    # settings that do not change what a finished step computed (a later run may add stages)
-    for k in ("resume", "overwrite", "progress", "tensorboard", "num_workers", "log_every", "stages",
-              "keep_checkpoints"):
-        d.pop(k, None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    flat: dict[str, Any] = {}
+    for key, v in d.items():
+        if key in _FREE or key in _STAGE_KEYS:
+            continue
+        flat.update(_flat(v, f"{key}."))
+    for k in stages:
+        for key, v in d[f"stage{k}"].items():
+            if key not in _FREE_STAGE:
+                flat[f"stage{k}.{key}"] = v
+    return flat
+
+
+def _config_hash(config: TrainConfig, stages: Any = (1, 2, 3)) -> str:
+    return hashlib.sha256(json.dumps(run_settings(config, stages), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def settings_diff(old: TrainConfig, new: TrainConfig, stages: Any) -> list[tuple[str, Any, Any]]:
+    """``[("stage1.lr", 0.0001, 0.001), ...]``: the settings of ``stages`` that differ between two configs."""
+    a, b = run_settings(old, stages), run_settings(new, stages)
+    return [(key, a.get(key), b.get(key)) for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
+
+
+def _flag(key: str) -> str:
+    """``stage3.batch_size`` -> ``--stage3-batch-size``; ``lora.r`` -> ``--lora-r``."""
+    return "--" + key.replace(".", "-").replace("_", "-")
+
+
+def started_stages(out: Path) -> list[int]:
+    """Stages of the run in ``out`` that saved anything (a checkpoint or their model)."""
+    return [k for k in (1, 2, 3) if (out / f"stage{k}").is_dir() and any((out / f"stage{k}").iterdir())]
+
+
+def _is_cocoa_run(out: Path) -> bool:
+    """``out`` carries the run marker, or (runs made before the marker existed) cocoa-train's config.yaml."""
+    from ..fs import MARKER
+
+    marker = out / MARKER
+    if marker.is_file():
+        try:
+            return json.loads(marker.read_bytes()).get("kind") == "run"
+        except (ValueError, OSError, AttributeError):
+            return False
+    prev = out / "config.yaml"
+    if prev.is_file() and not (out / "manifest.json").exists():
+        try:
+            TrainConfig.from_yaml(prev)
+            return True
+        except RecordError:
+            return False
+    return False
+
+
+def check_out_dir(config: TrainConfig) -> None:
+    """Refuse an ``--out`` that cocoa-train must neither write into nor delete, before anything is created
+    in it: a file, or a non-empty directory that is not a cocoa run (a workspace, a dataset, your files)."""
+    from ..fs import has_content
+
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out} is a file; give a directory for the run")
+    if out.is_symlink() and config.overwrite:
+        raise TrainError(f"--out {out} is a symbolic link; --overwrite will not delete through it. Give the real "
+                         "directory or another --out")
+    if has_content(out) and not _is_cocoa_run(out):
+        raise TrainError(
+            f"--out {out} is not empty and is not a cocoa-train run directory (no run marker, no cocoa-train "
+            f"config.yaml); cocoa-train will not write into it{' or delete it (--overwrite)' if config.overwrite else ''}."
+            " Choose a new or empty directory for --out")
 
 
 def prepare_run_dir(config: TrainConfig, is_main: bool) -> None:
+    """Rank 0, holding the run lock: apply --overwrite (only to a cocoa run), mark the directory as a run,
+    refuse a rerun whose settings differ for a stage that already started (naming them), save config.yaml."""
+    from ..fs import has_content, mark_owned, remove_owned_tree
     from ..shards import atomic_write_text
 
     out = Path(config.out)
-    if is_main:
-        if config.overwrite and out.exists():
-            shutil.rmtree(out)
-        existing = out.exists() and any(out.iterdir())
-        if existing and config.resume == "never":
-            raise TrainError(f"{out} already holds a run; pass --resume auto to continue it, --overwrite to start "
-                             "over, or choose another --out")
-        prev = out / "config.yaml"
-        if existing and prev.is_file() and config.resume == "auto":
-            old = TrainConfig.from_yaml(prev)
-            if _config_hash(old) != _config_hash(config):
-                raise TrainError(
-                    f"{out} was started with other settings ({prev}); resuming it with different ones would mix "
-                    "runs. Use the same settings, --overwrite, or another --out")
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", config.to_yaml())
+    if not is_main:
+        return
+    check_out_dir(config)
+    if config.overwrite and has_content(out):
+        remove_owned_tree(out, keep_lock=True)
+    mark_owned(out, "run")
+    existing = has_content(out)
+    if existing and config.resume == "never":
+        raise TrainError(f"{out} already holds a run; pass --resume auto to continue it, --overwrite to start "
+                         "over, or choose another --out")
+    prev = out / "config.yaml"
+    if existing and prev.is_file():
+        old = TrainConfig.from_yaml(prev)
+        started = started_stages(out)
+        diff = settings_diff(old, config, started) if started else []
+        if diff:
+            shown = "; ".join(f"{_flag(key)} was {a!r}, now {b!r}" for key, a, b in diff[:8])
+            more = f" (and {len(diff) - 8} more)" if len(diff) > 8 else ""
+            raise TrainError(
+                f"{out} was started with other settings for stage{'s' if len(started) > 1 else ''} "
+                f"{','.join(map(str, started))} (already started): {shown}{more}. Resuming with different ones would "
+                "mix runs: use the run's settings (they are in " + str(prev) + "), --overwrite to start over, or "
+                "another --out. Settings of stages that have not started may change")
+    atomic_write_text(out / "config.yaml", config.to_yaml())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -449,22 +572,87 @@ def _step_seed(seed: int, k: int, step: int, rank: int, micro: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{k}:{step}:{rank}:{micro}".encode()).digest()[:7], "little")
 
 
+class BadRowError(TrainError):
+    """A training row whose image cannot be read (``--on-bad-row raise``)."""
+
+
+_IMAGE_FIELDS = {"MixRecord": ("image",), "PairRecord": ("qry_image", "pos_image", "neg_image")}
+
+
 class StepBatches:
     """Map-style dataset: item ``j`` = the collated inputs of one micro batch (stages 1-2) or of one step
     (stage 3: query / target / negative chunks). Deterministic in (seed, stage, step, rank), so it runs in
-    DataLoader workers and resumes exactly."""
+    DataLoader workers and resumes exactly.
+
+    Images are decoded here, row by row, so a bad one is named (dataset file, row, record id, field):
+    ``on_bad_row="raise"`` stops with that name, ``"skip"`` drops the row (stage 3 under several processes
+    swaps in the next readable row instead, so every rank keeps the same batch size). Each item reports its
+    skipped rows and the collator's truncation / rejection counts (they travel back from DataLoader workers)."""
 
     def __init__(self, records: Any, stream: Any, collator: Any, k: int, start: int, end: int, rank: int,
-                 world: int, micro: int, seed: int, hard_negatives: bool) -> None:
+                 world: int, micro: int, seed: int, hard_negatives: bool, on_bad_row: str = "raise") -> None:
         self.records, self.stream, self.collator = records, stream, collator
         self.k, self.start, self.end = k, start, end
         self.rank, self.world, self.micro, self.seed = rank, world, micro, seed
         self.per_rank = stream.batch_size // world
         self.n_micro = 1 if k == 3 else math.ceil(self.per_rank / micro)
         self.hard_negatives = hard_negatives
+        self.on_bad_row = on_bad_row
 
     def __len__(self) -> int:
         return max(0, self.end - self.start) * self.n_micro
+
+    def _where(self, i: int) -> str:
+        where = getattr(self.records, "where", None)
+        return where(i) if where is not None else f"row {i}"
+
+    def load(self, i: int) -> Any:
+        """Record ``i`` with its images decoded (PIL), or :class:`BadRowError` naming the row."""
+        from .collate import load_image
+
+        try:
+            rec = self.records[i]
+        except RecordError as e:
+            raise BadRowError(f"stage {self.k}: {self._where(i)} is not a valid record ({e})") from None
+        root = getattr(self.records, "root", None)
+        upd: dict[str, Any] = {}
+        for name in _IMAGE_FIELDS.get(type(rec).__name__, ()):
+            ref = getattr(rec, name, None)
+            if ref is None:
+                continue
+            try:
+                upd[name] = load_image(ref, root)
+            except RecordError as e:
+                raise BadRowError(
+                    f"stage {self.k}: {self._where(i)} (record {rec.id}, {name}): {e}. Fix or remove the row, or pass "
+                    "--on-bad-row skip to skip such rows (they are counted in metrics.jsonl and the summary)"
+                ) from None
+        return rec.model_copy(update=upd) if upd else rec
+
+    def _rows(self, idx: list[int], swap: bool) -> tuple[list[Any], list[str]]:
+        recs: list[Any] = []
+        skipped: list[str] = []
+        n = len(self.records)
+        for i in idx:
+            try:
+                recs.append(self.load(i))
+                continue
+            except BadRowError as e:
+                if self.on_bad_row != "skip":
+                    raise
+                skipped.append(str(e).split(". Fix or remove")[0])
+            if swap:  # the next readable row after i (deterministic), so the batch keeps its size
+                for d in range(1, min(n, 1000)):
+                    try:
+                        recs.append(self.load((i + d) % n))
+                        break
+                    except BadRowError:
+                        continue
+        return recs, skipped
+
+    def _counts(self, before: dict[str, int]) -> dict[str, int]:
+        st = self.collator.stats
+        return {key: int(st.get(key, 0)) - before.get(key, 0) for key in ("truncated", "rejected")}
 
     def __getitem__(self, j: int) -> dict[str, Any]:
         import torch
@@ -474,18 +662,25 @@ class StepBatches:
         step = self.start + j // self.n_micro
         m = j % self.n_micro
         idx = rank_slice(self.stream.batch(step), self.rank, self.world)
+        before = {key: int(self.collator.stats.get(key, 0)) for key in ("truncated", "rejected")}
         if self.k != 3:
             part = idx[m * self.micro:(m + 1) * self.micro]
+            recs, skipped = self._rows(part, swap=False)
             self.collator.generator = torch.Generator().manual_seed(_step_seed(self.seed, self.k, step, self.rank, m))
-            batch = self.collator([self.records[i] for i in part])
-            return {"step": step, "micro": m, "n_micro": self.n_micro, "batch": batch, "rows": len(part)}
-        recs = [self.records[i] for i in idx]
+            batch = self.collator(recs) if recs else None
+            return {"step": step, "micro": m, "n_micro": self.n_micro, "batch": batch, "rows": len(part),
+                    "samples": len(recs), "skipped": skipped, **self._counts(before)}
+        recs, skipped = self._rows(idx, swap=self.world > 1)
+        if not recs:
+            raise BadRowError(f"stage 3 step {step}: every row of the batch was skipped as unreadable "
+                              f"(first: {skipped[0] if skipped else '?'}); fix the dataset")
         chunks = [recs[s:s + self.micro] for s in range(0, len(recs), self.micro)]
         groups = [[self.collator([(r.qry_text, r.qry_image) for r in c]) for c in chunks],
                   [self.collator([(r.pos_text, r.pos_image) for r in c]) for c in chunks]]
         if self.hard_negatives and all((r.neg_text or r.neg_image is not None) for r in recs):
             groups.append([self.collator([(r.neg_text, r.neg_image) for r in c]) for c in chunks])
-        return {"step": step, "micro": 0, "n_micro": 1, "groups": groups, "rows": len(recs)}
+        return {"step": step, "micro": 0, "n_micro": 1, "groups": groups, "rows": len(idx),
+                "samples": len(recs) * len(groups), "skipped": skipped, **self._counts(before)}
 
 
 def _count_tokens(batch: Any) -> tuple[int, int]:
@@ -528,14 +723,29 @@ def _run(plan: Plan, info: Any, console: Any) -> dict[str, Any]:
         con = Console(stderr=True, highlight=False)
     say = (lambda *a: con.print(*a)) if (info.is_main and con is not None) else (lambda *a: None)
     err: list[str] = [""]
+    lock = ExitStack()
     if info.is_main:
+        # One writer per run directory: rank 0 holds an flock on OUT/.cocoa.lock for the whole run (the other
+        # ranks of the same job follow rank 0; the kernel drops it when rank 0 dies, SIGKILL included).
+        from ..fs import exclusive_lock
+
         try:
+            check_out_dir(config)  # refuse a foreign directory before creating the lock file in it
+            lock.enter_context(exclusive_lock(out))
             prepare_run_dir(config, True)
-        except TrainError as e:
+        except RecordError as e:
+            lock.close()
             err[0] = str(e)
     err = D.broadcast_object(err, info)
     if err[0]:
         raise TrainError(err[0])
+    with lock:
+        return _run_locked(plan, info, console, con, say)
+
+
+def _run_locked(plan: Plan, info: Any, console: Any, con: Any, say: Any) -> dict[str, Any]:
+    config = plan.config
+    out = Path(config.out)
     if plan.model_note:
         say(f"[yellow]model:[/yellow] {plan.model_note}")
     say(f"cocoa-train: stages {config.stages} -> {out} (preset {config.preset}, {config.lora.method}, "
@@ -591,7 +801,8 @@ def _train_stage(sp: StagePlan, input_model: str, config: TrainConfig, info: Any
     records = ArrowRecords(sp.data, stage=k)
     if records.record_type == "MixRecord":
         records.select_stage(k)
-    stream = BatchStream(records.lengths, s.batch_size, seed, group_by_length=s.group_by_length)
+    stream = BatchStream(records.lengths, s.batch_size, seed, group_by_length=s.group_by_length, stage=k,
+                         where=str(sp.data))
     total = s.steps if s.steps > 0 else max(1, int(math.ceil((s.epochs or 1.0) * stream.batches_per_epoch)))
     # ---- model -----------------------------------------------------------------------------------
     full = config.lora.method == "full"
@@ -653,7 +864,7 @@ def _train_stage(sp: StagePlan, input_model: str, config: TrainConfig, info: Any
     # ---- loop --------------------------------------------------------------------------------------
     collator = _make_collators(model, config, k, sp.data, seed)
     ds = StepBatches(records, stream, collator, k, start, total, info.rank, info.world, s.micro_batch_size, seed,
-                     config.stage3.hard_negatives)
+                     config.stage3.hard_negatives, on_bad_row=config.on_bad_row)
     loader = DataLoader(ds, batch_size=None, shuffle=False, num_workers=config.num_workers,
                         collate_fn=lambda x: x, persistent_workers=False,
                         prefetch_factor=2 if config.num_workers else None)
@@ -661,7 +872,10 @@ def _train_stage(sp: StagePlan, input_model: str, config: TrainConfig, info: Any
     progress = _Progress(config.progress and info.is_main, k, total, start)
     amp = _autocast(info.device, config.precision)
     t_stage = time.time()
-    stats = {"tokens": 0, "slots": 0, "rejected": 0}
+    stats = {"tokens": 0, "slots": 0, "rejected": 0, "truncated": 0, "samples": 0, "skipped": 0}
+    step_counts = {"truncated": 0, "samples": 0, "skipped": 0}
+    skipped_shown = 0
+    warned_truncation = False
     last: dict[str, Any] = {}
     window_t, window_tok = time.time(), 0
     acc_loss, acc_parts, acc_tokens, acc_slots, acc_n = 0.0, {}, 0, 0, 0
@@ -670,6 +884,16 @@ def _train_stage(sp: StagePlan, input_model: str, config: TrainConfig, info: Any
         with progress:
             for item in loader:
                 step, m, n_micro = item["step"], item["micro"], item["n_micro"]
+                stats["rejected"] += item.get("rejected", 0)
+                for key in step_counts:
+                    v = item.get(key, 0)
+                    step_counts[key] += len(v) if key == "skipped" else v
+                for msg in item.get("skipped", ()):
+                    if skipped_shown < 5:
+                        say(f"[yellow]skipped[/yellow] (--on-bad-row skip) {msg}")
+                    elif skipped_shown == 5:
+                        say("[yellow]skipped[/yellow] more bad rows; their count is in metrics.jsonl and the summary")
+                    skipped_shown += 1
                 if k == 3:
                     loss_v, parts, tok, slots = _stage3_step(wrapped, model, item["groups"], config, info, amp)
                 else:
@@ -678,9 +902,9 @@ def _train_stage(sp: StagePlan, input_model: str, config: TrainConfig, info: Any
                         if info.enabled:  # DDP needs every rank's backward: no way to skip on one rank
                             raise TrainError(
                                 f"stage {k} step {step}: every sample of a micro batch on rank {info.rank} was "
-                                f"rejected (its image does not fit --stage{k}-max-length {s.max_length}); raise "
+                                f"skipped as unreadable or rejected (its image does not fit --stage{k}-max-length "
+                                f"{s.max_length}); fix the rows, raise "
                                 f"--stage{k}-max-length or lower --stage{k}-image-max-pixels")
-                        stats["rejected"] += item["rows"]
                         loss_v, parts, tok, slots = None, {}, 0, 0
                     else:
                         batch = _to(batch, info.device)
@@ -723,6 +947,17 @@ def _train_stage(sp: StagePlan, input_model: str, config: TrainConfig, info: Any
                        "padding_share": round(1 - tok_all / slots_all, 4) if slots_all else 0.0,
                        "time": round(now - t_stage, 3)}
                 row.update({key: round(v, 6) for key, v in acc_parts.items()})
+                # samples cut to --stageK-max-length and bad rows skipped, this step (all ranks)
+                for key in step_counts:
+                    v = int(D.all_reduce_sum(step_counts[key], info))
+                    stats[key] += v
+                    row[key] = v
+                step_counts = {key: 0 for key in step_counts}
+                if (not warned_truncation and stats["samples"] and stats["truncated"] > TRUNCATION_WARN * stats["samples"]):
+                    warned_truncation = True
+                    say(f"[yellow]warning:[/yellow] stage {k}: {stats['truncated']} of {stats['samples']} samples so far "
+                        f"({stats['truncated'] / stats['samples']:.0%}) are longer than --stage{k}-max-length "
+                        f"{s.max_length} tokens and were cut; raise --stage{k}-max-length if the text matters")
                 if done % config.log_every == 0 or done == total:
                     metrics.log(row)
                 last = row
@@ -732,7 +967,7 @@ def _train_stage(sp: StagePlan, input_model: str, config: TrainConfig, info: Any
                 acc_loss, acc_parts, acc_tokens, acc_slots, acc_n = 0.0, {}, 0, 0, 0
                 if (s.save_every and done % s.save_every == 0) or done == total:
                     C.save_checkpoint(sp.dir, done, model=model, optimizer=optimizer, scheduler=scheduler,
-                                      state={"stage": k, "config_hash": _config_hash(config), "epoch":
+                                      state={"stage": k, "config_hash": _config_hash(config, [k]), "epoch":
                                              stream.position(done).epoch, "batch_in_epoch": stream.position(done).index,
                                              "loss": row["loss"]},
                                       rank=info.rank, world=info.world, barrier=lambda: D.barrier(info),
@@ -741,7 +976,7 @@ def _train_stage(sp: StagePlan, input_model: str, config: TrainConfig, info: Any
     finally:
         del loader
     # ---- finish: merge, save the stage model, plot ---------------------------------------------------
-    rejected = int(D.all_reduce_sum(stats["rejected"] + collator.stats.get("rejected", 0), info))
+    rejected = int(D.all_reduce_sum(stats["rejected"], info))
     merge_adapters(peft_model)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -753,13 +988,22 @@ def _train_stage(sp: StagePlan, input_model: str, config: TrainConfig, info: Any
     D.barrier(info)
     share = 1 - stats["tokens"] / stats["slots"] if stats["slots"] else 0.0
     summary = {"steps": total, "start": start, "final_loss": last.get("loss"), "padding_share": round(share, 4),
-               "rejected": rejected, "seconds": round(time.time() - t_stage, 1), "model": str(dest)}
+               "rejected": rejected, "truncated": stats["truncated"], "samples": stats["samples"],
+               "truncated_share": round(stats["truncated"] / stats["samples"], 4) if stats["samples"] else 0.0,
+               "skipped_bad_rows": stats["skipped"], "seconds": round(time.time() - t_stage, 1), "model": str(dest)}
     if info.is_main:
         from ..shards import atomic_write_json
 
         atomic_write_json(sp.dir / "summary.json", summary)
+    if stats["truncated"]:
+        share_cut = stats["truncated"] / max(stats["samples"], 1)
+        say(("[yellow]warning:[/yellow] " if share_cut > TRUNCATION_WARN else "")
+            + f"stage {k}: {stats['truncated']} of {stats['samples']} samples ({share_cut:.1%}) were cut to "
+            f"--stage{k}-max-length {s.max_length} tokens" + (f"; raise --stage{k}-max-length" if share_cut >
+                                                               TRUNCATION_WARN else ""))
     say(f"stage {k}: done, loss {last.get('loss')}, padding share {share:.1%}"
         + (f", {rejected} samples rejected (image longer than max length)" if rejected else "")
+        + (f", {stats['skipped']} bad rows skipped (--on-bad-row skip)" if stats["skipped"] else "")
         + f" -> {dest}")
     del model, wrapped, optimizer
     return summary
@@ -843,19 +1087,22 @@ def _save_stage_model(model: Any, dest: Path, k: int, input_model: str, full_sd:
 
 
 class _Progress:
-    """A rich progress bar (step, loss, lr, tokens/s, ETA) on rank 0; silent elsewhere."""
+    """Progress on rank 0 (step, loss, lr, tokens/s, ETA): a live bar on a terminal, plain periodic lines in
+    logs and pipes (:mod:`cocoa.progress`); silent elsewhere."""
 
     def __init__(self, enabled: bool, stage: int, total: int, start: int) -> None:
         self.enabled = enabled
         self.p = None
         if enabled:
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, \
                 TimeRemainingColumn
+
+            from ..progress import Progress
 
             self.p = Progress(TextColumn(f"stage {stage}"), BarColumn(), MofNCompleteColumn(),
                               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                              TimeRemainingColumn(), console=Console(stderr=True), transient=False)
+                              TimeRemainingColumn(), console=Console(stderr=True), transient=False, unit="steps")
             self.task = self.p.add_task(f"stage {stage}", total=total, completed=start, info="")
 
     def __enter__(self) -> "_Progress":

@@ -80,6 +80,32 @@ def ensure_mask_token(tokenizer: Any, model: Any, mask_token: str = "<|mask|>") 
     return tid
 
 
+class VocabMismatchError(RecordError):
+    """The tokenizer can produce token ids the model's embedding table does not have."""
+
+
+def vocab_mismatch(n_tokens: int, top_id: int, n_rows: int, where: str) -> str | None:
+    """The message when a tokenizer of ``n_tokens`` tokens (highest id ``top_id``) does not fit an embedding
+    table of ``n_rows`` rows, else ``None``."""
+    need = max(n_tokens, top_id + 1)
+    if need <= n_rows:
+        return None
+    return (f"{where}: the tokenizer has {n_tokens} tokens (ids up to {top_id}) but the model's token embedding "
+            f"table has {n_rows} rows, so ids {n_rows}..{need - 1} have no embedding (the tokenizer was changed, "
+            "e.g. tokens were added, without resizing the model). Use the tokenizer saved with the model, or resize "
+            "the model (model.resize_token_embeddings(len(tokenizer))) and save both together")
+
+
+def check_vocab_fits(tokenizer: Any, model: Any, where: str) -> None:
+    """Refuse a tokenizer whose ids do not all index the model's input embeddings (a raw torch IndexError
+    in the middle of training or evaluation otherwise)."""
+    vocab = tokenizer.get_vocab()
+    top = max(vocab.values()) if vocab else -1
+    msg = vocab_mismatch(len(tokenizer), top, int(model.get_input_embeddings().weight.shape[0]), where)
+    if msg:
+        raise VocabMismatchError(msg)
+
+
 class CocoaModel(nn.Module):
     """A Qwen2-VL/Qwen2.5-VL conditional-generation model + its processor + :class:`EmbeddingSpec`.
 
@@ -140,6 +166,7 @@ class CocoaModel(nn.Module):
                 spec = EmbeddingSpec(arch=MODEL_TYPES[config.model_type], base_model=path)  # type: ignore[arg-type]
         spec = spec.model_copy(deep=True)
         spec.mask_token_id = ensure_mask_token(processor.tokenizer, model, spec.mask_token)
+        check_vocab_fits(processor.tokenizer, model, str(path))  # train and eval (Embedder) both load here
         eos_id = processor.tokenizer.convert_tokens_to_ids(spec.eos_token)
         if eos_id is None or eos_id == processor.tokenizer.unk_token_id:
             raise RecordError(f"EOS token {spec.eos_token!r} (cocoa.json) is not in the tokenizer of {path}")
@@ -407,4 +434,5 @@ class CocoaModel(nn.Module):
         return grad_cache_step(lambda b: self.embed(b, mask), groups, loss_fn, scale)
 
 
-__all__ = ["CocoaModel", "DECODER_FILE", "call_filtered", "ensure_mask_token"]
+__all__ = ["CocoaModel", "DECODER_FILE", "call_filtered", "ensure_mask_token", "check_vocab_fits", "vocab_mismatch",
+           "VocabMismatchError"]

@@ -317,7 +317,9 @@ def pretrain(config: PretrainConfig, out_dir: str | Path, *, records: list[PairR
     from .tiny import tiny_model_dir
 
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
+    from ..fs import has_content
+
+    if has_content(out):
         raise RecordError(f"{out} already exists and is not empty; choose another output or pass --overwrite")
     if records is None:
         records, image_root = load_records(config.data, config)
@@ -438,7 +440,9 @@ def pretrain(config: PretrainConfig, out_dir: str | Path, *, records: list[PairR
                          "base_model": spec.base_model + " + generative pre-training"}).save(tmp)
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists():
-            out.rmdir()  # empty (checked above)
+            from ..fs import remove_owned_tree
+
+            remove_owned_tree(out)  # empty or only cocoa's marker/lock (checked above)
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -555,8 +559,10 @@ def _image_size(ref: ImageRef, root: Path | None) -> tuple[int, int]:
 
 
 def _progress(enabled: bool, console: Any = None):  # type: ignore[no-untyped-def]
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.progress import (BarColumn, MofNCompleteColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    from ..progress import Progress  # a live bar on a terminal, plain lines in logs and pipes
 
     class _Rate(TaskProgressColumn):
         def render(self, task):  # type: ignore[no-untyped-def]
@@ -567,7 +573,7 @@ def _progress(enabled: bool, console: Any = None):  # type: ignore[no-untyped-de
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.3f}"), _Rate(), TimeElapsedColumn(), TextColumn("ETA"),
-        TimeRemainingColumn(), disable=not enabled, console=console,
+        TimeRemainingColumn(), disable=not enabled, console=console, unit="steps",
     )
 
 

@@ -341,7 +341,9 @@ def build_tiny_model(out_dir: str | Path, arch: Arch = "qwen2-vl", seed: int = 0
 
     settings = _settings(arch, seed, overrides)
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
+    from ..fs import has_content
+
+    if has_content(out):
         raise RecordError(f"{out} already exists and is not empty; choose a new --out directory or delete it")
     out.mkdir(parents=True, exist_ok=True)
 

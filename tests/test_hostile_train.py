@@ -1,0 +1,345 @@
+"""Hostile inputs and faults for `cocoa-train` (issue 12: items 3, 4, 5, 8, 9, 14, 21, 25).
+
+Real files, real subprocesses, the real tiny model: --overwrite never deletes what cocoa did not make, one
+writer per run directory, tampered shards are refused, a bad image names its row (or is skipped and
+counted), a too-large tokenizer is named, truncation is counted, a batch too large names its stage, a rerun
+names the settings that differ, and progress in a pipe is plain lines without library bars."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from train_support import make_workspace, subprocess_env
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def ws(scenes_root, tmp_path_factory):
+    return make_workspace(scenes_root, tmp_path_factory.mktemp("hostile-train-ws"))
+
+
+@pytest.fixture
+def one_thread():
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _pairs(scenes_root: Path, n: int) -> list:
+    """The first ``n`` scenes pairs, with their images embedded (as an MMEB import stores them)."""
+    from cocoa.records import ImageRef
+    from cocoa.shards import open_dataset
+
+    root = scenes_root / "original"
+    out = []
+    for p in open_dataset(root):
+        if len(out) == n:
+            break
+        upd = {f: ImageRef(bytes=getattr(p, f).read_bytes(root)) for f in ("qry_image", "pos_image", "neg_image")
+               if getattr(p, f) is not None}
+        out.append(p.model_copy(update=upd))
+    return out
+
+
+def _write_pairs(dest: Path, recs: list) -> Path:
+    from cocoa.shards import write_records
+
+    write_records(dest / "original", "PairRecord", recs, overwrite=True)
+    return dest
+
+
+def _s3_args(data: Path, model: Path, out: Path, *extra: str) -> list[str]:
+    return ["--stages", "3", "--data", str(data), "--model", str(model), "--out", str(out), "--preset", "tiny",
+            "--stage3-steps", "2", "--stage3-batch-size", "8", "--stage3-micro-batch-size", "8", "--no-progress",
+            *extra]
+
+
+def _invoke(args: list[str]):
+    from cocoa.cli.train import cli
+
+    return CliRunner().invoke(cli, args)
+
+
+def _one_clean_line(r) -> None:
+    assert r.exit_code == 1, r.output
+    assert "Traceback" not in r.output and "IndexError" not in r.output, r.output
+
+
+# ---------------------------------------------------------------------------------------------------
+# item 3: --overwrite deletes only a cocoa run (or an empty directory)
+# ---------------------------------------------------------------------------------------------------
+def test_overwrite_refuses_a_foreign_directory_and_the_working_directory(ws, tiny_model_dir, tmp_path, monkeypatch):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("years of work")
+    r = _invoke(_s3_args(ws, tiny_model_dir, foreign, "--overwrite"))
+    _one_clean_line(r)
+    assert "not a cocoa-train run directory" in r.output, r.output
+    assert (foreign / "thesis.tex").read_text() == "years of work"
+    assert sorted(p.name for p in foreign.iterdir()) == ["thesis.tex"]  # not even a lock file left in it
+    # without --overwrite it is not written into either
+    r = _invoke(_s3_args(ws, tiny_model_dir, foreign))
+    _one_clean_line(r)
+    assert sorted(p.name for p in foreign.iterdir()) == ["thesis.tex"]
+    # `--out . --overwrite` inside a cocoa run directory: the working directory is never deleted
+    run = tmp_path / "run"
+    from cocoa.fs import mark_owned
+
+    mark_owned(run, "run")
+    (run / "metrics.jsonl").write_text("")
+    monkeypatch.chdir(run)
+    r = _invoke(_s3_args(ws, tiny_model_dir, Path("."), "--overwrite"))
+    _one_clean_line(r)
+    assert "working directory" in r.output, r.output
+    assert (run / "metrics.jsonl").exists()
+
+
+def test_overwrite_empties_a_cocoa_run_and_keeps_it_marked(tmp_path):
+    from cocoa.fs import MARKER, is_owned, mark_owned
+    from cocoa.train.config import TrainConfig
+    from cocoa.train.loop import prepare_run_dir
+
+    out = tmp_path / "run"
+    mark_owned(out, "run")
+    (out / "stage1").mkdir()
+    (out / "stage1" / "junk.bin").write_bytes(b"x")
+    cfg = TrainConfig.build({"out": str(out), "overwrite": True})
+    prepare_run_dir(cfg, True)
+    assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, "config.yaml"]) and is_owned(out)
+    # a fresh run directory is marked as cocoa's, so a later --overwrite may replace it
+    fresh = tmp_path / "fresh"
+    prepare_run_dir(TrainConfig.build({"out": str(fresh)}), True)
+    assert json.loads((fresh / MARKER).read_text())["kind"] == "run"
+
+
+def test_tiny_model_overwrite_refuses_foreign_files(tmp_path, monkeypatch):
+    from cocoa.cli.train import cli
+
+    d = tmp_path / "models"
+    d.mkdir()
+    (d / "notes.txt").write_text("keep")
+    for cmd in (["tiny-model", "--out", str(d), "--overwrite"], ["pretrain-tiny", "--out", str(d), "--overwrite"]):
+        r = CliRunner().invoke(cli, cmd)
+        assert r.exit_code == 1 and "not made by cocoa" in r.output, r.output
+        assert (d / "notes.txt").read_text() == "keep"
+    monkeypatch.chdir(d)
+    r = CliRunner().invoke(cli, ["tiny-model", "--out", ".", "--overwrite"])
+    assert r.exit_code == 1 and (d / "notes.txt").exists(), r.output
+
+
+# ---------------------------------------------------------------------------------------------------
+# item 4: one writer per run directory (two real cocoa-train processes)
+# ---------------------------------------------------------------------------------------------------
+def test_second_cocoa_train_on_the_same_out_fails_at_once(ws, tiny_model_dir, tmp_path):
+    from cocoa.fs import is_locked
+
+    out = tmp_path / "run"
+    args = _s3_args(ws, tiny_model_dir, out)
+    args[args.index("--stage3-steps") + 1] = "100000"
+    env = subprocess_env()
+    first = subprocess.Popen([str(BIN / "cocoa-train"), *args], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not is_locked(out):
+            assert first.poll() is None, first.stderr.read()
+            assert time.time() < deadline, "the first run never took its lock"
+            time.sleep(0.1)
+        t0 = time.time()
+        second = subprocess.run([str(BIN / "cocoa-train"), *args], env=env, capture_output=True, text=True,
+                                timeout=120)
+        assert second.returncode == 1, second.stderr
+        assert "in use by another cocoa process" in second.stderr and f"pid {first.pid}" in second.stderr, second.stderr
+        assert "Traceback" not in second.stderr
+        assert time.time() - t0 < 60
+        assert first.poll() is None  # the first run is untouched
+    finally:
+        first.kill()
+        first.wait()
+    # the kernel released the lock with the killed process: a new run may take the directory
+    assert not is_locked(out)
+
+
+# ---------------------------------------------------------------------------------------------------
+# item 5: tampered shards are refused before any compute
+# ---------------------------------------------------------------------------------------------------
+def _copy_original(scenes_root: Path, dest: Path) -> Path:
+    shutil.copytree(scenes_root / "original", dest / "original", symlinks=False)
+    return dest
+
+
+def _shard(d: Path) -> Path:
+    m = json.loads((d / "original" / "manifest.json").read_text())
+    return d / "original" / m["shards"][0]["file"]
+
+
+def test_flipped_byte_in_a_shard_is_refused(scenes_root, tiny_model_dir, tmp_path):
+    d = _copy_original(scenes_root, tmp_path / "ws")
+    f = _shard(d)
+    b = bytearray(f.read_bytes())
+    i = b.find(b"a photo with")  # inside a text value: the Arrow file stays readable, only the text changes
+    assert i > 0
+    b[i] ^= 0x01
+    f.write_bytes(bytes(b))
+    r = _invoke(_s3_args(d, tiny_model_dir, tmp_path / "run"))
+    _one_clean_line(r)
+    assert "sha256" in r.output and f.name in r.output, r.output
+    assert not (tmp_path / "run" / "stage3").exists()
+
+
+def test_edited_num_rows_is_one_clear_line(scenes_root, tiny_model_dir, tmp_path):
+    d = _copy_original(scenes_root, tmp_path / "ws")
+    mf = d / "original" / "manifest.json"
+    m = json.loads(mf.read_text())
+    m["shards"][0]["num_rows"] += 7
+    m["num_rows"] += 7
+    mf.write_text(json.dumps(m))
+    r = _invoke(_s3_args(d, tiny_model_dir, tmp_path / "run"))
+    _one_clean_line(r)
+    assert "rows" in r.output and "manifest" in r.output, r.output
+
+
+# ---------------------------------------------------------------------------------------------------
+# item 8: a bad image names dataset, row, record and field; --on-bad-row skip counts it
+# ---------------------------------------------------------------------------------------------------
+def test_bad_image_is_named_or_skipped_and_counted(scenes_root, tiny_model_dir, tmp_path, one_thread):
+    from cocoa.records import ImageRef
+
+    recs = _pairs(scenes_root, 15)
+    bad = recs[3].model_copy(update={"qry_image": ImageRef(bytes=b"\x89PNG\r\n\x1a\n this is not an image")})
+    recs[3] = bad
+    d = _write_pairs(tmp_path / "ws", recs)
+    r = _invoke(_s3_args(d, tiny_model_dir, tmp_path / "run"))
+    _one_clean_line(r)
+    out = " ".join(r.output.split())
+    assert "cannot be decoded" in out and "row 3" in out and bad.id in out and "qry_image" in out, out
+    assert "original" in out and "--on-bad-row skip" in out, out
+    # skip: the run finishes; every skipped row is counted in metrics.jsonl and the stage summary
+    run = tmp_path / "run2"
+    r = _invoke(_s3_args(d, tiny_model_dir, run, "--on-bad-row", "skip", "--stage3-steps", "4"))
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run / "stage3" / "summary.json").read_text())
+    assert summary["skipped_bad_rows"] == sum(x["skipped"] for x in rows) >= 1, (summary, rows)
+    assert "bad rows skipped" in r.output and bad.id in r.output, r.output
+
+
+# ---------------------------------------------------------------------------------------------------
+# item 9: a tokenizer larger than the embedding table
+# ---------------------------------------------------------------------------------------------------
+def test_tokenizer_larger_than_the_embedding_table_is_named(ws, tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from cocoa.eval.embedder import Embedder
+    from cocoa.train.model import VocabMismatchError
+
+    m = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, m)
+    tok = AutoTokenizer.from_pretrained(m)
+    rows = json.loads((m / "config.json").read_text())
+    n_rows = (rows.get("text_config") or rows)["vocab_size"]
+    added = tok.add_tokens(["circle", "square", "red", "blue", "green", "triangle"] + [f"w{i}" for i in range(40)])
+    tok.save_pretrained(m)
+    assert len(tok) > n_rows, (len(tok), n_rows)
+    with pytest.raises(VocabMismatchError, match=rf"{len(tok)} tokens .* {n_rows} rows"):
+        Embedder.from_pretrained(m, device="cpu")
+    r = _invoke(_s3_args(ws, m, tmp_path / "run"))
+    _one_clean_line(r)
+    assert f"{len(tok)} tokens" in r.output and f"{n_rows} rows" in r.output, (added, r.output)
+
+
+# ---------------------------------------------------------------------------------------------------
+# item 14: truncation is counted, logged, recorded and warned about
+# ---------------------------------------------------------------------------------------------------
+def test_truncated_samples_are_counted_and_warned(scenes_root, tiny_model_dir, tmp_path, one_thread):
+    recs = _pairs(scenes_root, 10)
+    d = _write_pairs(tmp_path / "ws", recs)
+    run = tmp_path / "run"
+    spec = json.loads((Path(tiny_model_dir) / "cocoa.json").read_text())
+    # the smallest length check_model allows for one image: every query with text is cut to a token or two
+    from math import ceil
+
+    short = ceil(spec["image_max_pixels"] / 28 ** 2) + 3 + 1
+    r = _invoke(_s3_args(d, tiny_model_dir, run, "--stage3-max-length", str(short)))
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run / "stage3" / "summary.json").read_text())
+    assert summary["truncated"] == sum(x["truncated"] for x in rows) > 0, (summary, rows)
+    assert summary["samples"] >= 2 * 8 * 2 and summary["truncated_share"] > 0.05
+    text = " ".join(r.output.split())
+    assert "warning:" in text and f"--stage3-max-length {short}" in text and "were cut" in text, text
+
+
+# ---------------------------------------------------------------------------------------------------
+# item 21: a batch too large names its stage; a rerun names the differing settings of started stages
+# ---------------------------------------------------------------------------------------------------
+def test_preset_tiny_on_47_pairs_names_the_stage_and_the_value(scenes_root, tiny_model_dir, tmp_path):
+    d = _write_pairs(tmp_path / "ws", _pairs(scenes_root, 47))
+    from cocoa.cli.train import cli
+
+    r = CliRunner().invoke(cli, ["--stages", "3", "--data", str(d), "--model", str(tiny_model_dir), "--preset",
+                                 "tiny", "--out", str(tmp_path / "run")])
+    _one_clean_line(r)
+    text = " ".join(r.output.split())
+    assert "stage 3:" in text and "47 rows" in text and "global batch of 64" in text, text
+    assert "--stage3-batch-size" in text and "at most 47" in text, text
+    assert not (tmp_path / "run").exists()  # refused before anything was created
+
+
+def test_rerun_names_differing_settings_and_allows_changing_unstarted_stages(tmp_path):
+    from cocoa.train.config import TrainConfig, resolve_preset
+    from cocoa.train.loop import TrainError, prepare_run_dir
+
+    out = tmp_path / "run"
+    base = {"out": str(out), "preset": "tiny", "stages": "1,2,3"}
+    prepare_run_dir(resolve_preset(TrainConfig.build(base)), True)
+    (out / "stage1" / "checkpoints" / "step-00000050").mkdir(parents=True)  # stage 1 started (and only it)
+    # a setting of stage 3 (not started) may change: the rerun goes on with the new value
+    changed = resolve_preset(TrainConfig.build({**base, "stage3": {"batch_size": 32}}))
+    prepare_run_dir(changed, True)
+    assert TrainConfig.from_yaml(out / "config.yaml").stage3.batch_size == 32
+    # display / bookkeeping settings never matter
+    prepare_run_dir(resolve_preset(TrainConfig.build({**base, "stage3": {"batch_size": 32}, "log_every": 5,
+                                                       "on_bad_row": "skip"})), True)
+    # a setting of stage 1 (started) or a run-wide one may not, and the message names each
+    bad = resolve_preset(TrainConfig.build({**base, "stage3": {"batch_size": 32}, "stage1": {"lr": 0.01}, "seed": 3}))
+    with pytest.raises(TrainError) as e:
+        prepare_run_dir(bad, True)
+    msg = str(e.value)
+    assert "--stage1-lr was 0.0001, now 0.01" in msg and "--seed was 0, now 3" in msg, msg
+    assert "stage 1 (already started)" in msg and "stage3" not in msg, msg
+
+
+# ---------------------------------------------------------------------------------------------------
+# item 25: progress through a pipe -- plain lines with rate and ETA, no rich bar, no library bars
+# ---------------------------------------------------------------------------------------------------
+def test_progress_in_a_pipe_is_plain_lines_without_library_bars(ws, tiny_model_dir, tmp_path):
+    args = _s3_args(ws, tiny_model_dir, tmp_path / "run", "--stage3-steps", "3")
+    args.remove("--no-progress")
+    env = dict(subprocess_env(), COCOA_PROGRESS_INTERVAL="0", COLUMNS="80")
+    env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+    env.pop("COCOA_PROGRESS", None)
+    p = subprocess.run(f"{BIN / 'cocoa-train'} {' '.join(args)} 2>&1 | cat", shell=True, env=env,
+                       capture_output=True, text=True, timeout=300)
+    out = p.stdout
+    assert p.returncode == 0, out
+    lines = [x for x in out.splitlines() if x.startswith("stage 3: ") and "/3 (" in x]
+    assert [x.split()[2] for x in lines] == ["1/3", "2/3", "3/3"], out
+    assert all(re.search(r"loss \d+\.\d+ .*\| [\d.]+ steps/s, elapsed \d:\d\d:\d\d, ETA \d:\d\d:\d\d$", x)
+               for x in lines), lines
+    assert "━" not in out and "…" not in out, out  # no (truncated) rich bar
+    assert "Loading weights" not in out and "Writing model shards" not in out and "it/s]" not in out, out
