@@ -15,8 +15,9 @@ from .common import console
 @click.option("--data", type=click.Path(file_okay=False, path_type=Path), default=Path("shards"), show_default=True,
               help="Workspace root: reads DATA/synthetic (and DATA/original with --eval-data), writes DATA/curated.")
 @click.option("--eval-data", type=click.Path(path_type=Path), default=None,
-              help="Evaluation data to decontaminate against: an EvalRecord dataset directory or a root holding "
-                   "several (e.g. a scenes benchmark's eval/).")
+              help="Evaluation data to decontaminate against: an EvalRecord dataset directory, a root holding "
+                   "several (e.g. a scenes benchmark's eval/), or an MMEB-eval directory in its published layout "
+                   "(<Dataset>/test-*.parquet + images.zip, a TIGER-Lab/MMEB-eval snapshot).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
 @config_options(CurationConfig)
 def curate(data: Path, eval_data: Path | None, progress: bool, config: CurationConfig) -> None:

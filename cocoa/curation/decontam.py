@@ -27,30 +27,70 @@ from .images import analyse_image, phash_pairs
 from .text import ngrams, normalize_text, row_index, word_hashes
 
 
-def find_eval_datasets(path: str | Path, max_depth: int = 3) -> list[Path]:
-    """EvalRecord dataset directories at or under ``path`` (sorted)."""
+def mmeb_eval_datasets(path: Path) -> list[str]:
+    """The MMEB-V1 datasets of an MMEB-eval directory in its published layout (``<Dataset>/test-*.parquet``
+    + ``images.zip``, as ``TIGER-Lab/MMEB-eval``), or ``[]`` when ``path`` is not one."""
+    from ..datagen.sources.mmeb import mmeb_v1_by_name
+
+    if not path.is_dir():
+        return []
+    table = mmeb_v1_by_name()
+    out = []
+    for child in sorted(path.iterdir()):
+        if child.name in table and child.is_dir() and not child.is_symlink() and (
+                any(child.glob("test-*.parquet")) or (child / "test.parquet").is_file()
+                or any((child / "test").glob("*.parquet"))):
+            out.append(child.name)
+    return out
+
+
+@dataclass
+class EvalSource:
+    """Evaluation data to decontaminate against: a cocoa EvalRecord dataset or an MMEB-eval directory."""
+
+    kind: str  # "cocoa" or "mmeb"
+    path: Path
+    datasets: list[str] = field(default_factory=list)  # MMEB-V1 names (kind "mmeb")
+
+    def label(self) -> str:
+        return str(self.path) if self.kind == "cocoa" else f"{self.path} (MMEB-eval: {', '.join(self.datasets)})"
+
+
+def find_eval_sources(path: str | Path, max_depth: int = 3) -> list[EvalSource]:
+    """EvalRecord dataset directories and MMEB-eval directories at or under ``path`` (sorted)."""
     path = Path(path)
     if not path.exists():
-        raise RecordError(f"--eval-data {path} does not exist; point it at an eval dataset or a root holding some")
-    found: list[Path] = []
+        raise RecordError(f"--eval-data {path} does not exist; point it at an eval dataset, a root holding some, "
+                          "or an MMEB-eval directory")
+    found: list[EvalSource] = []
 
     def walk(p: Path, depth: int) -> None:
         if (p / MANIFEST).is_file():
             if read_manifest(p).record_type == "EvalRecord":
-                found.append(p)
+                found.append(EvalSource("cocoa", p))
+            return
+        names = mmeb_eval_datasets(p)
+        if names:
+            found.append(EvalSource("mmeb", p, names))
             return
         if depth >= max_depth:
             return
-        for child in sorted(x for x in p.iterdir() if x.is_dir()):
+        for child in sorted(x for x in p.iterdir() if x.is_dir() and not x.is_symlink()):
             walk(child, depth + 1)
 
     walk(path, 0)
     if not found:
         raise RecordError(
-            f"--eval-data {path} holds no EvalRecord dataset (no manifest.json of EvalRecord rows within "
-            f"{max_depth} levels); point it at e.g. a scenes benchmark's eval/ directory"
+            f"--eval-data {path} holds no evaluation data: no EvalRecord dataset (manifest.json of EvalRecord rows) "
+            f"and no MMEB-eval directory (<Dataset>/test-*.parquet of MMEB-V1 datasets) within {max_depth} levels; "
+            "point it at e.g. a scenes benchmark's eval/ directory or a TIGER-Lab/MMEB-eval snapshot"
         )
-    return sorted(found)
+    return sorted(found, key=lambda s: str(s.path))
+
+
+def find_eval_datasets(path: str | Path, max_depth: int = 3) -> list[Path]:
+    """EvalRecord dataset directories at or under ``path`` (sorted; MMEB-eval directories not included)."""
+    return [s.path for s in find_eval_sources(path, max_depth) if s.kind == "cocoa"]
 
 
 @dataclass
@@ -88,10 +128,14 @@ def build_eval_index(path: str | Path, ngram: int, max_pixels: int, template_tex
     hashes: list[int] = []
     texts: dict[str, str] = {}
     with_image: dict[str, int] = {}
-    for d in find_eval_datasets(path):
-        ds = open_dataset(d, record_type="EvalRecord")
-        idx.datasets.append(str(d))
-        for rec in ds:
+    for src in find_eval_sources(path):
+        records, d, report = _records(src)
+        idx.datasets.append(src.label())
+        by_object: dict[int, tuple[bytes, str]] = {}  # embedded bytes seen in this dataset (MMEB reuses objects)
+        current = None
+        for rec in records:
+            if rec.dataset != current:
+                current, by_object = rec.dataset, {}
             label = f"{rec.dataset}/{rec.id}"
             sides = [(rec.qry_text, rec.qry_image)] + list(zip(rec.tgt_texts, rec.tgt_images))
             for t, img in sides:
@@ -103,12 +147,20 @@ def build_eval_index(path: str | Path, ngram: int, max_pixels: int, template_tex
             for ref in [rec.qry_image, *rec.tgt_images]:
                 if ref is None:
                     continue
+                if ref.bytes is None and f"{d}:{ref.path}" in seen_img:  # a file read before
+                    continue
+                if ref.bytes is not None and id(ref.bytes) in by_object:  # the same bytes object as before
+                    continue
                 try:
                     data = ref.read_bytes(d)
                 except RecordError as e:
                     idx.unreadable.append(str(e))
                     continue
                 key = digest(data)
+                if ref.bytes is None:
+                    seen_img[f"{d}:{ref.path}"] = -1
+                else:
+                    by_object[id(ref.bytes)] = (ref.bytes, key)  # holds the bytes, so the id stays unique
                 if key in seen_img:
                     continue
                 info = analyse_image(data, max_pixels, name=ref.path or key[:16])
@@ -116,8 +168,14 @@ def build_eval_index(path: str | Path, ngram: int, max_pixels: int, template_tex
                 if info.ok and info.phash:
                     hashes.append(info.phash)
                     idx.image_labels.append(label)
+        if report is not None:
+            summ = report.summary()
+            skipped = summ.get("skipped") or {}
+            if skipped:
+                idx.unreadable.append(f"MMEB-eval {src.path}: rows skipped (not used for decontamination): "
+                                      + ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())))
     idx.image_hashes = np.array(hashes, dtype=np.uint64)
-    idx.n_images = len(seen_img)
+    idx.n_images = sum(1 for v in seen_img.values() if v >= 0)
     idx.n_texts = len(texts)
     tlist = list(texts)
     if tlist:
@@ -143,6 +201,16 @@ def build_eval_index(path: str | Path, ngram: int, max_pixels: int, template_tex
         idx.text_ngrams = full
         idx.text_labels = [texts[t] for t in tlist]
     return idx
+
+
+def _records(src: EvalSource):  # type: ignore[no-untyped-def]
+    """(EvalRecord iterator, data root of its image paths, MMEB SourceReport or None)."""
+    if src.kind == "cocoa":
+        return iter(open_dataset(src.path, record_type="EvalRecord")), src.path, None
+    from ..datagen.sources.mmeb import SourceReport, iter_mmeb_eval
+
+    report = SourceReport()
+    return iter_mmeb_eval(src.path, datasets=src.datasets, on_error="skip", report=report), src.path, report
 
 
 def image_matches(idx: EvalIndex, hashes: np.ndarray, distance: int) -> dict[int, str]:

@@ -26,7 +26,8 @@ import numpy as np
 import xxhash
 
 from ..records import RecordError, canonical_json, content_id, digest, from_row, payload_json, schema_for
-from ..shards import MANIFEST, ShardDataset, ShardError, ShardWriter, Workspace, atomic_write_json, open_dataset
+from ..shards import (MANIFEST, ShardDataset, ShardError, ShardWriter, Workspace, atomic_write_json, open_dataset,
+                      read_manifest)
 from .config import CurationConfig
 from .dedup import first_of_groups_cols, near_duplicates, text_digests
 from .images import ImageTable, image_key, phash_clusters
@@ -40,13 +41,16 @@ DETAIL = "_detail"
 # input checks
 # ---------------------------------------------------------------------------------------------
 def dataset_checksum(path: Path) -> dict[str, Any]:
-    """Checksums of a dataset: its manifest file and the sha256 over its shards' sha256s."""
-    ds = open_dataset(path, verify=False)
-    content = hashlib.sha256("".join(s.sha256 for s in ds.manifest.shards).encode()).hexdigest()
+    """Checksums of a dataset: its manifest file and the sha256 over its shards' sha256s.
+
+    Reads the manifest only: callers have opened (and so checked) the dataset already.
+    """
+    m = read_manifest(path)
+    content = hashlib.sha256("".join(s.sha256 for s in m.shards).encode()).hexdigest()
     return {
         "path": str(path),
-        "record_type": ds.record_type,
-        "rows": len(ds),
+        "record_type": m.record_type,
+        "rows": m.num_rows,
         "manifest_sha256": hashlib.sha256((path / MANIFEST).read_bytes()).hexdigest(),
         "content_sha256": content,
     }
