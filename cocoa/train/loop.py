@@ -96,6 +96,7 @@ def validate(config: TrainConfig, *, resolve_default: bool = True) -> Plan:
 
     plans: list[StagePlan] = []
     verified: dict[Path, Any] = {}
+    too_small: list[str] = []
     for k in stages:
         d = _stage_data(config, k)
         want = "PairRecord" if k == 3 else "MixRecord"
@@ -126,8 +127,8 @@ def validate(config: TrainConfig, *, resolve_default: bool = True) -> Plan:
             raise TrainError(f"{d}: no record is marked for stage {k} (column 'stages'); rebuild the mixture with "
                              f"stage {k} included, or point --stage{k}-data elsewhere")
         bs = config.stage(k).batch_size
-        if n < bs:
-            raise TrainError(batch_too_large(k, str(d) if k == 3 else f"{d} (rows marked for stage {k})", n, bs))
+        if n < bs and not too_small:  # reported after the model checks (a wrong model is the first thing to fix)
+            too_small.append(batch_too_large(k, str(d) if k == 3 else f"{d} (rows marked for stage {k})", n, bs))
         plans.append(StagePlan(k, d, m.record_type, "", Path(config.out) / f"stage{k}"))
     # -- model ------------------------------------------------------------------------------------
     note = ""
@@ -137,6 +138,8 @@ def validate(config: TrainConfig, *, resolve_default: bool = True) -> Plan:
             raise TrainError("no --model given")
         model, note = default_model_dir()
     check_model(model, config)
+    if too_small:
+        raise TrainError(too_small[0])
     return Plan(config=config, model=model, model_note=note, stages=plans)
 
 
