@@ -7,11 +7,17 @@ Layout::
     CACHE/<model_hash>/chunk-<id>.keys     their n input keys, one per line (written last)
     CACHE/filehash.json                    memo of big-file digests keyed by (path, size, mtime)
 
-Each file is written whole to a hidden temporary file and renamed (``atomic_write_bytes``), the
+Each file is written whole to a hidden temporary file and renamed (:func:`_write_whole`), the
 ``.keys`` file after its ``.npy``: a chunk exists for readers only once both are complete, so a killed
-run leaves only complete chunks and a rerun re-encodes only what was not yet written. Several
-processes (torchrun ranks, concurrent runs) can add chunks to the same directory; chunk names are
-unique. A chunk that cannot be read is reported and ignored (its inputs are simply encoded again).
+run leaves only complete chunks and a rerun re-encodes only what was not yet written.
+
+**Concurrent writers are safe by design, so there is no lock**: torchrun ranks, two ``cocoa-eval`` runs
+(even in containers whose processes share a pid), or threads of one process can use one cache at once.
+Chunks are never rewritten (unique names), every temporary file has a unique name (random, not the
+pid), ``model.json`` holds the same content whoever writes it, and ``filehash.json`` is a memo (a lost
+update only costs hashing a file again; an unreadable one is ignored). Two runs encoding the same input
+at the same time both store it; the first chunk read wins (same model, same input: the same embedding up to float rounding). A chunk that
+cannot be read is reported and ignored (its inputs are simply encoded again).
 
 The **model hash** covers the weights, the model/tokenizer/processor configuration files and the
 effective embedding spec (``cocoa.json`` after any ``--pooling``/``--eos-token`` override): anything
@@ -21,6 +27,7 @@ instruction is applied) and the image's bytes.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -41,6 +48,33 @@ CONFIG_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
 # files in a model directory that do not influence embeddings
 IGNORED_FILES = {"README.md", "training_args.bin", "trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth"}
 CACHE_VERSION = 1
+
+
+def _write_whole(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see the old file or the whole new one. The temporary file's
+    name is unique (random, created with ``O_EXCL``) -- a pid-based name collides between threads of one
+    process and between processes of different containers that share the cache, which then rename each
+    other's half-written file or fail with FileNotFoundError. Permissions follow the umask, as for any file."""
+    from ..shards import fsync_dir
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _write_whole(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
 def default_cache_dir() -> Path:
@@ -85,8 +119,10 @@ def model_fingerprint(model_dir: str | Path, spec: dict[str, Any], cache_dir: st
     memo: dict[str, Any] = {}
     if memo_path is not None and memo_path.is_file():
         try:
-            memo = json.loads(memo_path.read_text())
-        except (json.JSONDecodeError, OSError):
+            memo = json.loads(memo_path.read_bytes())
+        except (ValueError, OSError):  # torn, not JSON, not UTF-8: a memo only, so start afresh
+            memo = {}
+        if not isinstance(memo, dict):
             memo = {}
     before = dict(memo)
     files: dict[str, str] = {}
@@ -101,11 +137,9 @@ def model_fingerprint(model_dir: str | Path, spec: dict[str, Any], cache_dir: st
         raise RecordError(f"{model_dir} holds no weights file (*.safetensors / *.bin); point --model at a saved model directory")
     covered = {"version": CACHE_VERSION, "files": files, "spec": spec_key(spec)}
     if memo_path is not None and memo != before:
-        from ..shards import atomic_write_json
-
         try:
-            atomic_write_json(memo_path, memo)
-        except OSError:
+            _write_json(memo_path, memo)
+        except OSError:  # read-only or full cache: the memo only saves time
             pass
     return digest(canonical_json(covered))[:32], covered
 
@@ -127,9 +161,7 @@ class EmbeddingCache:
         if self.root is not None:
             self.root.mkdir(parents=True, exist_ok=True)
             if covered is not None and not (self.root / "model.json").is_file():
-                from ..shards import atomic_write_json
-
-                atomic_write_json(self.root / "model.json", covered)
+                _write_json(self.root / "model.json", covered)
             self.refresh()
 
     @property
@@ -186,13 +218,11 @@ class EmbeddingCache:
         if not len(keys):
             return
         if self.root is not None and persist:
-            from ..shards import atomic_write_bytes
-
             buf = io.BytesIO()
             np.save(buf, np.ascontiguousarray(emb), allow_pickle=False)
             name = f"chunk-{uuid.uuid4().hex}"
-            atomic_write_bytes(self.root / f"{name}.npy", buf.getvalue())
-            atomic_write_bytes(self.root / f"{name}.keys", ("\n".join(keys) + "\n").encode())  # last: commits it
+            _write_whole(self.root / f"{name}.npy", buf.getvalue())
+            _write_whole(self.root / f"{name}.keys", ("\n".join(keys) + "\n").encode())  # last: commits it
             self._seen.add(f"{name}.keys")
         ci = len(self._chunks)
         self._chunks.append(emb)

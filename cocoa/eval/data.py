@@ -127,6 +127,7 @@ def load_mmeb(mmeb_dir: str | Path, datasets: Sequence[str] | None = None, limit
                           "(<Dataset>/test-*.parquet + images.zip)")
     if on_bad_row not in ("raise", "skip"):
         raise RecordError(f"on_bad_row must be raise or skip, not {on_bad_row!r}")
+    _check_images_present(root, datasets, image_dir)
     info: dict[str, tuple[str, Any]] = {}
 
     def store(dataset: str, ref: ImageRef) -> ImageRef:
@@ -176,3 +177,66 @@ def load_mmeb(mmeb_dir: str | Path, datasets: Sequence[str] | None = None, limit
         es.meta["image_source"] = images
         sets.append(es)
     return sets
+
+
+def _check_images_present(root: Path, datasets: Sequence[str] | None, image_dir: str | Path | None) -> None:
+    """Without ``images.zip``, ``--mmeb-image-dir`` or ``eval_images/``, MMEB images can only be extracted
+    beside the parquet files. If the first image paths of a dataset are not there either, the zip is
+    missing: say so before anything is read or encoded (not "row 0: image ... is not in ..." -- and
+    ``--on-bad-row skip`` would drop every row). Cheap: the first rows of one parquet file per dataset."""
+    if image_dir is not None or (root / "images.zip").exists() or (root / "eval_images").is_dir():
+        return
+    from ..datagen.sources.mmeb import ImageSource
+
+    names = list(datasets) if datasets else sorted(
+        d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and any(d.glob("**/*.parquet")))
+    images = ImageSource(dirs=[root])
+    for name in names:
+        paths = _first_image_paths(root / name)
+        if not paths:
+            continue
+        found = False
+        for p in paths:
+            try:
+                images.read(p)
+            except Exception as e:  # the reader's skip signal, with its reason
+                if getattr(e, "reason", "") == "missing_image":
+                    continue
+            found = True  # there, or unusable for another reason the reader reports per row
+            break
+        if not found:
+            raise RecordError(
+                f"--mmeb-dir {root}: images.zip is missing (looked for {root / 'images.zip'}; no --mmeb-image-dir and "
+                f"no {root / 'eval_images'}/ either), and the images are not extracted beside the parquet files "
+                f"(e.g. {name}'s {paths[0]!r} is not under {root}/). Download images.zip of TIGER-Lab/MMEB-eval into "
+                f"{root}/, or pass --mmeb-image-dir DIR with the extracted images")
+
+
+def _first_image_paths(ddir: Path, rows: int = 8) -> list[str]:
+    """Up to a few non-empty image paths from the first rows of a dataset's first parquet file ([] when unreadable:
+    the reader then reports the file itself)."""
+    try:
+        import pyarrow.parquet as pq
+
+        files = sorted(ddir.glob("**/*.parquet"))
+        if not files:
+            return []
+        pf = pq.ParquetFile(files[0])
+        cols = [c for c in ("qry_img_path", "tgt_img_path") if c in pf.schema_arrow.names]
+        if not cols:
+            return []
+        batch = next(pf.iter_batches(batch_size=rows, columns=cols), None)
+        if batch is None:
+            return []
+        out: list[str] = []
+        for row in batch.to_pylist():
+            for c in cols:
+                v = row.get(c)
+                for x in (v if isinstance(v, list) else [v]):
+                    if isinstance(x, bytes):
+                        x = x.decode("utf-8", "strict")
+                    if isinstance(x, str) and x.strip() and x not in out:
+                        out.append(x)
+        return out[:16]
+    except Exception:  # unreadable, non-UTF-8, odd schema: the full reader names the problem precisely
+        return []

@@ -113,9 +113,10 @@ def resolve_spec(model_dir: str | Path, pooling: str | None = None, eos_token: s
         import json
 
         try:
-            mt = json.loads(cfg.read_text()).get("model_type", "")
-        except json.JSONDecodeError:
-            mt = ""
+            mt = json.loads(cfg.read_bytes()).get("model_type", "")
+        except (ValueError, AttributeError) as e:  # not JSON, not UTF-8, not an object
+            raise RecordError(f"{cfg} is not a readable model config ({type(e).__name__}: {e}); it must be the UTF-8 "
+                              "JSON config.json saved with the model -- restore or re-save the model directory") from None
         if mt == "qwen2_5_vl":
             arch = "qwen2.5-vl"
     kw: dict[str, Any] = {"arch": arch, "pooling": pooling}
