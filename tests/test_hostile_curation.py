@@ -148,7 +148,9 @@ def test_second_curate_or_mix_on_a_workspace_fails_at_once(tmp_path):
             time.sleep(0.005)
         if held and first.poll() is None:
             break
-        first.communicate(timeout=60)  # it finished before it could be frozen: try again
+        first.communicate(timeout=60)
+        assert held, "curate ran to the end without taking the workspace lock"
+        # it finished between taking the lock and being frozen: try again
     else:
         pytest.skip("the first curate always finished before it could be frozen")
     try:
