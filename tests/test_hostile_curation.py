@@ -382,3 +382,16 @@ def test_python_names_in_docs_resolve(doc):
             break
         else:
             pytest.fail(f"{doc}: `{name}` names no module")
+
+
+def test_mix_names_an_invalid_original_row_and_the_fix(tmp_path):
+    ws = _workspace(tmp_path / "ws", n=2)
+    rows = [to_row(p) for p in open_dataset(ws.original)]
+    rows.insert(2, {**rows[0], "id": "broken", "pos_text": "", "pos_image": None, "qry_image": None})  # empty pair
+    table = pa.Table.from_pylist(rows, schema=schema_for("PairRecord"))
+    with ShardWriter(ws.original, "PairRecord", mode="overwrite") as w:
+        w.write_table(table)
+    assert _in_process("curate", "--data", str(ws.root), "--no-progress").returncode == 0
+    r = _in_process("mix", "--data", str(ws.root), "--no-progress")
+    msg = _one_line_error(r)
+    assert "row 2" in msg and "invalid PairRecord" in msg and "regenerate it" in msg and "--ratio 0:1" in msg

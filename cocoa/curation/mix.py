@@ -269,17 +269,22 @@ def _run_mix(ws: Workspace, a: float, b: float, stratify: bool, upsample: bool, 
     o_ids, o_src, o_rows = [], [], []
     unmixable: dict[str, int] = {}
     n_excluded = 0
-    for i, rec in enumerate(orig if orig is not None else []):
-        if rec.id in excluded:
-            n_excluded += 1
-            continue
-        k = pair_kind(rec)
-        if k not in ("image_to_text", "text_to_image"):
-            unmixable[k] = unmixable.get(k, 0) + 1
-            continue
-        o_ids.append(rec.id)
-        o_src.append(rec.source)
-        o_rows.append(i)
+    try:
+        for i, rec in enumerate(orig if orig is not None else []):
+            if rec.id in excluded:
+                n_excluded += 1
+                continue
+            k = pair_kind(rec)
+            if k not in ("image_to_text", "text_to_image"):
+                unmixable[k] = unmixable.get(k, 0) + 1
+                continue
+            o_ids.append(rec.id)
+            o_src.append(rec.source)
+            o_rows.append(i)
+    except RecordError as e:  # an invalid PairRecord: stage 3 reads original/ too, so it is an error, not a skip
+        raise RecordError(f"{e}. {ws.original} must hold valid PairRecords (stage 3 trains on them as well): "
+                          "regenerate it with the command that wrote it (`cocoa-data scenes`, `cocoa-data synth "
+                          "--source mmeb`), or mix synthetic rows only with --ratio 0:1") from None
     s_ids: list[str] = []
     s_src: list[str] = []
     if cur is not None:
