@@ -342,6 +342,18 @@ def test_bad_input_paths_name_the_flag_and_create_nothing(tmp_path, flag):
     assert not out.exists()
 
 
+def test_out_that_is_a_file_is_a_clear_error(tmp_path):
+    from cocoa.datagen.sources.scenes import build_benchmark
+
+    f = tmp_path / "afile"
+    f.write_text("x")
+    r = _cli("--source", "scenes", "--scenes-n", "2", "--out", str(f))
+    assert r.exit_code == 1 and "--out" in r.output and "is a file" in r.output and "Traceback" not in r.output
+    with pytest.raises(RecordError, match="is a file"):
+        build_benchmark(f, n_train=2, eval_per_task=1, n_distractors=2, datasets=["SceneCls"])
+    assert f.read_text() == "x"
+
+
 # ---------------------------------------------------------------------------------------------
 # item 19: zero usable pairs is a failure; a large quarantined share is a warning
 # ---------------------------------------------------------------------------------------------

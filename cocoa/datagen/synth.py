@@ -706,6 +706,8 @@ class Synthesizer:
         t0 = time.time()
         source = open_source(self.config, self.ws)  # every input is checked here, before anything is created
         root = self.ws.root
+        if root.exists() and not root.is_dir():
+            raise RecordError(f"--out {root} is a file, not a directory; choose a directory for the workspace")
         fresh = not root.exists() or (root.is_dir() and not root.is_symlink() and not has_content(root))
         # One writer per part: a second `synth` on the same --out and part fails at once; other parts
         # (--shard-index) have their own lock and run concurrently. The kernel drops it on death.

@@ -918,6 +918,8 @@ def build_benchmark(
         if p.is_symlink() or not p.is_dir() or (has_content(p) and not is_owned(p)):
             raise NotOwnedError(f"{p} exists and was not made by cocoa (no cocoa manifest or marker); --overwrite only "
                                 "replaces cocoa's own output. Remove it yourself if you mean it, or choose another --out")
+    if root.exists() and not root.is_dir():
+        raise RecordError(f"--out {root} is a file, not a directory; choose a directory for the benchmark")
     fresh = not root.exists() or (root.is_dir() and not has_content(root))
     with exclusive_lock(root, name=".cocoa-scenes.lock", what="it is building a scenes benchmark there;"):
         if fresh:
