@@ -207,6 +207,37 @@ def test_threads_of_one_process_sharing_a_cache_never_collide(tmp_path):
         assert len(EmbeddingCache(root, f"h{i}")) == n_threads
 
 
+def test_a_second_eval_writing_the_same_reports_fails_at_once(tiny_model_dir, mmeb, tmp_path):
+    """Two runs writing one report directory would mix their results.json/.md/.png (and collided on the
+    plot's temporary file): the second fails at once, naming the holder; the lock dies with its process."""
+    import signal
+    import time
+
+    from cocoa.eval.evaluator import REPORT_LOCK
+    from cocoa.fs import is_locked
+
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from cocoa.fs import exclusive_lock
+        with exclusive_lock({str(out)!r}, name={REPORT_LOCK!r}, what="cocoa-eval"):
+            print("held", flush=True)
+            time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t0 = time.time()
+        rc, text = _eval("--model", tiny_model_dir, "--benchmark", "mmeb", "--mmeb-dir", mmeb, "--cache-dir",
+                         tmp_path / "cache", "--out", out)
+        assert rc == 1 and "in use by another cocoa process" in text and f"pid {holder.pid}" in text, text
+        assert "Traceback" not in text and time.time() - t0 < 30
+        assert not (out / "results.json").exists() and not list((tmp_path / "cache").glob("*/chunk-*"))
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert not is_locked(out, name=REPORT_LOCK)  # released by the kernel with the killed holder
+
+
 # -- item 6: cache and model files that are not UTF-8 --------------------------------------------------------
 def test_memo_file_that_is_not_utf8_or_not_json_is_ignored(tmp_path):
     from cocoa.eval.cache import model_fingerprint

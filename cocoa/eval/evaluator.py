@@ -21,6 +21,7 @@ Work plan of one run:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import warnings
@@ -36,6 +37,9 @@ from ..records import RecordError, digest
 from .cache import EmbeddingCache, default_cache_dir, input_key, model_fingerprint
 from .data import EvalSet
 from .scoring import EvalResult, aggregate, dataset_score, hits_at_1
+
+
+REPORT_LOCK = ".cocoa-eval.lock"  # in the report directory, held while a run that writes its reports is going
 
 
 class EvalError(RecordError):
@@ -206,8 +210,7 @@ def evaluate(model: str | Path | Any, benchmark: str = "scenes", *, data: str | 
     unless ``quiet``, prints the table. ``sets`` evaluates given :class:`EvalSet` s instead of loading
     ``benchmark`` (the name is then only a label).
     """
-    from .. import __version__
-    from .embedder import Embedder, encode_progress, estimate_length, resolve_spec
+    from .embedder import Embedder, resolve_spec
 
     t0 = time.time()
     rank, world, local_rank = _dist_env()
@@ -235,6 +238,27 @@ def evaluate(model: str | Path | Any, benchmark: str = "scenes", *, data: str | 
     names = [s.name for s in sets]
     if len(set(names)) != len(names):
         raise EvalError(f"dataset names must be unique, got {names}")
+
+    out_dir = Path(out) if out else model_dir / f"eval-{benchmark}"
+    with contextlib.ExitStack() as held:
+        if write and rank == 0:  # one writer per report directory: two runs would mix their json/md/png
+            from ..fs import exclusive_lock
+
+            held.enter_context(exclusive_lock(out_dir, name=REPORT_LOCK, what=f"another cocoa-eval writes {out_dir}:"))
+        return _evaluate(
+            t0=t0, rank=rank, world=world, local_rank=local_rank, embedder=embedder, model_dir=model_dir, spec=spec,
+            compare_result=compare_result, sets=sets, benchmark=benchmark, cache=cache, cache_dir=cache_dir,
+            batch_size=batch_size, pooling=pooling, eos_token=eos_token, device=device, dtype=dtype, label=label,
+            plot=plot, flush_every=flush_every, write=write, quiet=quiet, console=console, out_dir=out_dir)
+
+
+def _evaluate(*, t0: float, rank: int, world: int, local_rank: int, embedder: Any, model_dir: Path, spec: Any,
+              compare_result: EvalResult | None, sets: list[EvalSet], benchmark: str, cache: bool,
+              cache_dir: str | Path | None, batch_size: int, pooling: str | None, eos_token: str | None, device: str,
+              dtype: str, label: str, plot: bool, flush_every: int, write: bool, quiet: bool, console: Any,
+              out_dir: Path) -> EvalResult:
+    from .. import __version__
+    from .embedder import Embedder, encode_progress, estimate_length
 
     spec_dict = spec.model_dump(mode="json")
     root = (Path(cache_dir) if cache_dir else default_cache_dir()) if cache else None
@@ -333,7 +357,6 @@ def evaluate(model: str | Path | Any, benchmark: str = "scenes", *, data: str | 
     assert result is not None
     if rank == 0:
         if write:
-            out_dir = Path(out) if out else model_dir / f"eval-{benchmark}"
             from .report import write_reports
 
             paths = write_reports(result, out_dir, compare_result, make_plot=plot)

@@ -8,6 +8,8 @@ a "before" column and the difference.
 
 from __future__ import annotations
 
+import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -160,9 +162,12 @@ def plot(result: EvalResult, path: str | Path, compare: EvalResult | None = None
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp.png"
-    fig.savefig(tmp, dpi=110, format="png")
-    tmp.replace(path)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex}.png"  # unique: never another writer's
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
