@@ -395,3 +395,14 @@ def test_mix_names_an_invalid_original_row_and_the_fix(tmp_path):
     r = _in_process("mix", "--data", str(ws.root), "--no-progress")
     msg = _one_line_error(r)
     assert "row 2" in msg and "invalid PairRecord" in msg and "regenerate it" in msg and "--ratio 0:1" in msg
+
+
+def test_curate_and_mix_wait_for_a_running_synth_worker(tmp_path):
+    from cocoa.fs import exclusive_lock
+
+    ws = _workspace(tmp_path / "ws", n=2)
+    with exclusive_lock(ws.root, name=".cocoa-synth-part-00001-of-00002.lock"):  # as a synth worker holds it
+        for cmd in ("curate", "mix"):
+            msg = _one_line_error(_in_process(cmd, "--data", str(ws.root), "--no-progress"))
+            assert "`cocoa-data synth` is writing" in msg and "part-00001-of-00002" in msg
+    assert _in_process("curate", "--data", str(ws.root), "--no-progress").returncode == 0  # released: runs

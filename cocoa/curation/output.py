@@ -22,7 +22,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..fs import MARKER, NotOwnedError, exclusive_lock, has_content, is_owned, mark_owned, remove_owned_tree
+from ..fs import (MARKER, LockedError, NotOwnedError, exclusive_lock, has_content, is_locked, is_owned, mark_owned,
+                  remove_owned_tree)
 from ..shards import ShardError, fsync_dir
 
 
@@ -48,7 +49,25 @@ def workspace_lock(root: Path, command: str, missing_hint: str) -> Iterator[None
     if not root.is_dir():
         raise ShardError(f"workspace {root} does not exist: {missing_hint}")
     with exclusive_lock(root, what=""):
+        # synth workers lock their own part (so sharded workers run side by side): while one runs,
+        # synthetic/ and original/ are being written and are not ready to curate or mix
+        for f in sorted(root.glob(".cocoa-synth-*.lock")):
+            if is_locked(root, name=f.name):
+                raise LockedError(
+                    f"`cocoa-data synth` is writing {root} ({f.name}{_holder(f)}); wait for it to finish and run "
+                    f"`{command}` again"
+                )
         yield
+
+
+def _holder(lock: Path) -> str:
+    import json
+
+    try:
+        info = json.loads(lock.read_text(encoding="utf-8", errors="replace") or "{}")
+        return f": pid {info.get('pid')}, since {info.get('since')}"
+    except (OSError, ValueError, AttributeError):
+        return ""
 
 
 @contextlib.contextmanager
