@@ -608,7 +608,6 @@ def _js(v: Any) -> str:
 
 def synth_payloads(tab) -> list[str]:  # type: ignore[no-untyped-def]
     """:func:`synth_payload` for every row of an Arrow table of SynthRecords, column-wise (no per-row dicts)."""
-    enc = _enc
     c = {name: tab.column(name).to_pylist() for name in
          ("answer", "caption", "id", "key", "kind", "meta", "params_hash", "parent_id", "question", "source")}
     img = tab.column("image")
