@@ -115,7 +115,7 @@ def validate(config: TrainConfig, *, resolve_default: bool = True) -> Plan:
         if m.num_rows == 0:
             raise TrainError(f"{d} holds no records; rebuild it")
         # Every shard is checked in full here, before any compute: size, row counts, columns and its sha256
-        # (a flipped byte is refused, never trained on). The sha256 costs ~0.3 s per GB of shards, against minutes
+        # (a flipped byte is refused, never trained on). The sha256 costs ~1.7 s per GB of shards, against minutes
         # to hours of training (docs/training.md).
         from .data import ArrowRecords, batch_too_large
 
