@@ -238,6 +238,15 @@ def test_a_second_eval_writing_the_same_reports_fails_at_once(tiny_model_dir, mm
     assert not is_locked(out, name=REPORT_LOCK)  # released by the kernel with the killed holder
 
 
+def test_reports_that_cannot_be_written_fail_before_any_work(tiny_model_dir, mmeb, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    rc, text = _eval("--model", tiny_model_dir, "--benchmark", "mmeb", "--mmeb-dir", mmeb, "--cache-dir",
+                     tmp_path / "cache", "--out", blocker / "out")
+    assert rc == 1 and "cannot write the reports to" in text and "--out" in text and "Traceback" not in text, text
+    assert not list((tmp_path / "cache").glob("*/chunk-*"))
+
+
 # -- item 6: cache and model files that are not UTF-8 --------------------------------------------------------
 def test_memo_file_that_is_not_utf8_or_not_json_is_ignored(tmp_path):
     from cocoa.eval.cache import model_fingerprint
