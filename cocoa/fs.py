@@ -124,9 +124,15 @@ def exclusive_lock(directory: str | Path, *, name: str = LOCK, what: str = "") -
     The lock file itself is left in place (removing it would race with a new holder).
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     path = directory / name
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except PermissionError:
+        raise LockedError(
+            f"{directory} is not writable (cannot create its lock file {name}); a command that writes there needs "
+            "write permission: fix the permissions or choose another directory"
+        ) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -204,13 +210,9 @@ def has_content(directory: str | Path) -> bool:
     return directory.is_dir() and any(p.name not in (MARKER, LOCK) for p in directory.iterdir())
 
 
-def remove_owned_tree(directory: str | Path, *, flag: str = "--overwrite", keep_lock: bool = False) -> None:
-    """Delete ``directory`` if it is empty or cocoa's (:func:`is_owned`); refuse anything else.
-
-    Refuses the current directory, its ancestors, the home directory and ``/`` whatever they hold. A
-    symlink is never followed: the link is refused (cocoa did not make it). ``keep_lock=True`` empties
-    the directory but keeps it, its marker and its lock file (for a caller that holds that lock).
-    """
+def check_removable(directory: str | Path, *, flag: str = "--overwrite") -> None:
+    """Raise :class:`NotOwnedError` if :func:`remove_owned_tree` would refuse ``directory``; delete nothing.
+    (Commands call it before any work, so a refusal never comes after an hour of computing.)"""
     directory = Path(directory)
     if not directory.exists() and not directory.is_symlink():
         return
@@ -225,15 +227,24 @@ def remove_owned_tree(directory: str | Path, *, flag: str = "--overwrite", keep_
     if resolved in protected:
         raise NotOwnedError(f"{directory} ({resolved}) is the working directory, one of its parents or your home; "
                             f"{flag} never deletes it. Choose a subdirectory as the output")
-    if not has_content(directory):
-        if not keep_lock:
-            shutil.rmtree(directory)
-        return
-    if not is_owned(directory):
+    if has_content(directory) and not is_owned(directory):
         raise NotOwnedError(
             f"{directory} is not empty and was not made by cocoa (no {MARKER} marker or cocoa manifest); "
             f"{flag} only deletes cocoa's own output. Remove it yourself if you mean it, or choose another directory"
         )
+
+
+def remove_owned_tree(directory: str | Path, *, flag: str = "--overwrite", keep_lock: bool = False) -> None:
+    """Delete ``directory`` if it is empty or cocoa's (:func:`is_owned`); refuse anything else.
+
+    Refuses the current directory, its ancestors, the home directory and ``/`` whatever they hold. A
+    symlink is never followed: the link is refused (cocoa did not make it). ``keep_lock=True`` empties
+    the directory but keeps it, its marker and its lock file (for a caller that holds that lock).
+    """
+    directory = Path(directory)
+    check_removable(directory, flag=flag)
+    if not directory.exists():
+        return
     if not keep_lock:
         shutil.rmtree(directory)
         return
