@@ -223,8 +223,10 @@ def test_bad_image_is_named_or_skipped_and_counted(scenes_root, tiny_model_dir, 
     bad = recs[3].model_copy(update={"qry_image": ImageRef(bytes=b"\x89PNG\r\n\x1a\n this is not an image")})
     recs[3] = bad
     d = _write_pairs(tmp_path / "ws", recs)
-    r = _invoke(_s3_args(d, tiny_model_dir, tmp_path / "run"))
+    # raised inside a DataLoader worker, it still arrives as one line (not re-wrapped with a worker traceback)
+    r = _invoke(_s3_args(d, tiny_model_dir, tmp_path / "run", "--num-workers", "1"))
     _one_clean_line(r)
+    assert "DataLoader worker" not in r.output, r.output
     out = " ".join(r.output.split())
     assert "cannot be decoded" in out and "row 3" in out and bad.id in out and "qry_image" in out, out
     assert "original" in out and "--on-bad-row skip" in out, out

@@ -576,10 +576,16 @@ def _step_seed(seed: int, k: int, step: int, rank: int, micro: int) -> int:
 
 
 class BadRowError(TrainError):
-    """A training row whose image cannot be read (``--on-bad-row raise``)."""
+    """A training row whose image cannot be read (``--on-bad-row raise``); ``reason`` is the short form."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 _IMAGE_FIELDS = {"MixRecord": ("image",), "PairRecord": ("qry_image", "pos_image", "neg_image")}
+_SKIP_HINT = (". Fix or remove the row, or pass --on-bad-row skip to skip such rows (they are counted in "
+              "metrics.jsonl and the stage summary)")
 
 
 class StepBatches:
@@ -616,7 +622,8 @@ class StepBatches:
         try:
             rec = self.records[i]
         except RecordError as e:
-            raise BadRowError(f"stage {self.k}: {self._where(i)} is not a valid record ({e})") from None
+            msg = f"stage {self.k}: {self._where(i)} is not a valid record ({e})"
+            raise BadRowError(msg + _SKIP_HINT, msg) from None
         root = getattr(self.records, "root", None)
         upd: dict[str, Any] = {}
         for name in _IMAGE_FIELDS.get(type(rec).__name__, ()):
@@ -626,10 +633,8 @@ class StepBatches:
             try:
                 upd[name] = load_image(ref, root)
             except RecordError as e:
-                raise BadRowError(
-                    f"stage {self.k}: {self._where(i)} (record {rec.id}, {name}): {e}. Fix or remove the row, or pass "
-                    "--on-bad-row skip to skip such rows (they are counted in metrics.jsonl and the summary)"
-                ) from None
+                msg = f"stage {self.k}: {self._where(i)} (record {rec.id}, {name}): {e}"
+                raise BadRowError(msg + _SKIP_HINT, msg) from None
         return rec.model_copy(update=upd) if upd else rec
 
     def _rows(self, idx: list[int], swap: bool) -> tuple[list[Any], list[str]]:
@@ -643,7 +648,7 @@ class StepBatches:
             except BadRowError as e:
                 if self.on_bad_row != "skip":
                     raise
-                skipped.append(str(e).split(". Fix or remove")[0])
+                skipped.append(e.reason)
             if swap:  # the next readable row after i (deterministic), so the batch keeps its size
                 for d in range(1, min(n, 1000)):
                     try:
@@ -658,6 +663,14 @@ class StepBatches:
         return {key: int(st.get(key, 0)) - before.get(key, 0) for key in ("truncated", "rejected")}
 
     def __getitem__(self, j: int) -> dict[str, Any]:
+        # An error travels back as a value: raised in a DataLoader worker it would come back re-wrapped with
+        # the worker's traceback in its message instead of one clean line.
+        try:
+            return self._item(j)
+        except RecordError as e:
+            return {"error": str(e), "step": self.start + j // self.n_micro}
+
+    def _item(self, j: int) -> dict[str, Any]:
         import torch
 
         from .data import rank_slice
@@ -723,7 +736,7 @@ def _run(plan: Plan, info: Any, console: Any) -> dict[str, Any]:
     if con is None and info.is_main:
         from rich.console import Console
 
-        con = Console(stderr=True, highlight=False)
+        con = Console(stderr=True, highlight=False, soft_wrap=True)  # whole lines in logs, not cut at 80 columns
     say = (lambda *a: con.print(*a)) if (info.is_main and con is not None) else (lambda *a: None)
     err: list[str] = [""]
     lock = ExitStack()
@@ -886,6 +899,8 @@ def _train_stage(sp: StagePlan, input_model: str, config: TrainConfig, info: Any
     try:
         with progress:
             for item in loader:
+                if "error" in item:
+                    raise TrainError(item["error"])
                 step, m, n_micro = item["step"], item["micro"], item["n_micro"]
                 stats["rejected"] += item.get("rejected", 0)
                 for key in step_counts:
