@@ -245,6 +245,10 @@ def test_reports_that_cannot_be_written_fail_before_any_work(tiny_model_dir, mme
                      tmp_path / "cache", "--out", blocker / "out")
     assert rc == 1 and "cannot write the reports to" in text and "--out" in text and "Traceback" not in text, text
     assert not list((tmp_path / "cache").glob("*/chunk-*"))
+    rc, text = _eval("--model", tiny_model_dir, "--benchmark", "mmeb", "--mmeb-dir", mmeb, "--cache-dir",
+                     blocker / "cache", "--out", tmp_path / "out")
+    assert rc == 1 and "cannot write the embedding cache at" in text and "--no-cache" in text, text
+    assert "Traceback" not in text and not (tmp_path / "out" / "results.json").exists()
 
 
 # -- item 6: cache and model files that are not UTF-8 --------------------------------------------------------

@@ -77,6 +77,14 @@ def _write_json(path: Path, obj: Any) -> None:
     _write_whole(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
+def _cache_error(root: Path, e: OSError) -> Exception:
+    from ..records import RecordError
+
+    return RecordError(f"cannot write the embedding cache at {root} ({e.strerror or e}); free space or pass "
+                       "--cache-dir DIR (a writable directory), or --no-cache. Chunks written before are complete "
+                       "and reused by the next run")
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("COCOA_CACHE", Path.home() / ".cache" / "cocoa")) / "embeddings"
 
@@ -159,9 +167,12 @@ class EmbeddingCache:
         self._chunks: list[np.ndarray] = []
         self._seen: set[str] = set()
         if self.root is not None:
-            self.root.mkdir(parents=True, exist_ok=True)
-            if covered is not None and not (self.root / "model.json").is_file():
-                _write_json(self.root / "model.json", covered)
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                if covered is not None and not (self.root / "model.json").is_file():
+                    _write_json(self.root / "model.json", covered)
+            except OSError as e:
+                raise _cache_error(self.root, e) from None
             self.refresh()
 
     @property
@@ -221,8 +232,13 @@ class EmbeddingCache:
             buf = io.BytesIO()
             np.save(buf, np.ascontiguousarray(emb), allow_pickle=False)
             name = f"chunk-{uuid.uuid4().hex}"
-            _write_whole(self.root / f"{name}.npy", buf.getvalue())
-            _write_whole(self.root / f"{name}.keys", ("\n".join(keys) + "\n").encode())  # last: commits it
+            try:
+                _write_whole(self.root / f"{name}.npy", buf.getvalue())
+                _write_whole(self.root / f"{name}.keys", ("\n".join(keys) + "\n").encode())  # last: commits it
+            except OSError as e:  # full disk, read-only cache: chunks already written stay valid
+                with contextlib.suppress(OSError):
+                    (self.root / f"{name}.npy").unlink()
+                raise _cache_error(self.root, e) from None
             self._seen.add(f"{name}.keys")
         ci = len(self._chunks)
         self._chunks.append(emb)
