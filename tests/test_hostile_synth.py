@@ -65,8 +65,11 @@ class GatedServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
+        class Server(http.server.ThreadingHTTPServer):
+            request_queue_size = 64
+            daemon_threads = True
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
@@ -78,7 +81,8 @@ class GatedServer:
 
 def _synth_proc(out, url, *extra):
     cmd = [sys.executable, "-m", "cocoa.cli.data", "synth", "--no-progress", "--source", "scenes", "--scenes-n", "16",
-           "--tasks", "caption", "--backend", "openai", "--base-url", url, "--model", "m", "--http-retries", "0",
+           "--tasks", "caption", "--backend", "openai", "--base-url", url, "--model", "m", "--http-retries", "3",
+           "--concurrency", "4",
            "--request-timeout", "60", "--out", str(out), *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", "OPENAI_API_KEY": "k"})
@@ -91,6 +95,15 @@ def _wait(cond, timeout=60.0):
         time.sleep(0.05)
 
 
+def _holder(out, part):
+    """The pid a worker wrote into its part's lock file once it holds the lock (read without locking:
+    probing the flock itself could make a starting worker fail)."""
+    try:
+        return json.loads((out / f".cocoa-synth-part-0000{part}-of-00002.lock").read_text())["pid"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def test_second_synth_on_the_same_part_fails_at_once_while_other_parts_run(tmp_path):
     out = tmp_path / "ws"
     server = GatedServer()
@@ -98,10 +111,10 @@ def test_second_synth_on_the_same_part_fails_at_once_while_other_parts_run(tmp_p
     try:
         a = _synth_proc(out, server.url, "--shard-index", "0", "--num-shards", "2")
         procs.append(a)
-        _wait(lambda: is_locked(out, name=".cocoa-synth-part-00000-of-00002.lock") and server.count >= 1)
+        _wait(lambda: _holder(out, 0) == a.pid and server.count >= 1)
         b = _synth_proc(out, server.url, "--shard-index", "1", "--num-shards", "2")  # another part: runs
         procs.append(b)
-        _wait(lambda: is_locked(out, name=".cocoa-synth-part-00001-of-00002.lock") or b.poll() is not None)
+        _wait(lambda: _holder(out, 1) == b.pid or b.poll() is not None)
         assert a.poll() is None, "worker 0 should be waiting on the gated server"
         t0 = time.time()
         dup = _synth_proc(out, server.url, "--shard-index", "0", "--num-shards", "2")  # same part as a
@@ -120,6 +133,7 @@ def test_second_synth_on_the_same_part_fails_at_once_while_other_parts_run(tmp_p
             if p.poll() is None:
                 p.kill()
                 p.wait()
+    assert not is_locked(out, name=".cocoa-synth-part-00000-of-00002.lock")  # released at exit
     syn = open_dataset(out / "synthetic")  # complete, every shard passes its size/sha check
     assert syn.manifest.complete and len(syn) == sum(1 for _ in syn) > 0
     assert open_dataset(out / "original").manifest.complete and len(open_dataset(out / "original")) == 16
