@@ -120,6 +120,16 @@ def test_overwrite_empties_a_cocoa_run_and_keeps_it_marked(tmp_path):
     cfg = TrainConfig.build({"out": str(out), "overwrite": True})
     prepare_run_dir(cfg, True)
     assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, "config.yaml"]) and is_owned(out)
+    # a run made before the marker existed (cocoa-train's config.yaml, no marker) may still be overwritten
+    legacy = tmp_path / "legacy"
+    (legacy / "stage3").mkdir(parents=True)
+    (legacy / "config.yaml").write_text(TrainConfig.build({"out": str(legacy)}).to_yaml())
+    from cocoa.train.loop import check_out_dir
+
+    cfg = TrainConfig.build({"out": str(legacy), "overwrite": True})
+    check_out_dir(cfg)
+    prepare_run_dir(cfg, True)
+    assert not (legacy / "stage3").exists() and is_owned(legacy)
     # a fresh run directory is marked as cocoa's, so a later --overwrite may replace it
     fresh = tmp_path / "fresh"
     prepare_run_dir(TrainConfig.build({"out": str(fresh)}), True)

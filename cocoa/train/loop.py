@@ -341,6 +341,12 @@ def check_out_dir(config: TrainConfig) -> None:
             f"--out {out} is not empty and is not a cocoa-train run directory (no run marker, no cocoa-train "
             f"config.yaml); cocoa-train will not write into it{' or delete it (--overwrite)' if config.overwrite else ''}."
             " Choose a new or empty directory for --out")
+    if config.overwrite and has_content(out):
+        from ..fs import MARKER, check_removable, mark_owned
+
+        if not (out / MARKER).exists():
+            mark_owned(out, "run")  # a run made before the marker existed (its config.yaml is cocoa-train's)
+        check_removable(out)  # never the working directory, its parents or home, whatever they hold
 
 
 def prepare_run_dir(config: TrainConfig, is_main: bool) -> None:
