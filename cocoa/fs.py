@@ -207,7 +207,12 @@ def is_owned(directory: str | Path) -> bool:
 def has_content(directory: str | Path) -> bool:
     """Whether ``directory`` holds anything besides cocoa's marker and lock files."""
     directory = Path(directory)
-    return directory.is_dir() and any(p.name not in (MARKER, LOCK) for p in directory.iterdir())
+    return directory.is_dir() and any(not _is_cocoa_bookkeeping(p.name) for p in directory.iterdir())
+
+
+def _is_cocoa_bookkeeping(name: str) -> bool:
+    """The marker and the lock files (``.cocoa.lock``, ``.cocoa-eval.lock``, synth's part locks)."""
+    return name == MARKER or (name.startswith(".cocoa") and name.endswith(".lock"))
 
 
 def check_removable(directory: str | Path, *, flag: str = "--overwrite") -> None:
@@ -249,7 +254,7 @@ def remove_owned_tree(directory: str | Path, *, flag: str = "--overwrite", keep_
         shutil.rmtree(directory)
         return
     for child in directory.iterdir():
-        if child.name in (MARKER, LOCK):
+        if _is_cocoa_bookkeeping(child.name):
             continue
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)

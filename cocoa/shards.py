@@ -88,12 +88,18 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so a reader sees the old file or the whole new one, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    # pid + a random part, created exclusively: threads of one process (or same-pid processes in two
+    # containers sharing a disk) never write into each other's temporary file
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}{os.urandom(4).hex()}"
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 
@@ -232,7 +238,7 @@ class ShardWriter:
         for p in self.path.iterdir():
             if not p.is_file() or p.is_symlink():
                 continue
-            if re.match(r"^\.(?:shard(?:-\d{10})?-\d{5}\.arrow|manifest\.json)\.tmp-\d+$", p.name):
+            if re.match(r"^\.(?:shard(?:-\d{10})?-\d{5}\.arrow|manifest\.json)\.tmp-\d+(?:[0-9a-f]{8})?$", p.name):
                 p.unlink(missing_ok=True)  # a temp file of an interrupted writer: never complete
             elif SHARD_NAME.match(p.name) and p.name not in listed:
                 p.unlink(missing_ok=True)  # renamed but never recorded in the manifest: redo it
