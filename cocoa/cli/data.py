@@ -20,6 +20,9 @@ def cli() -> None:
       original/    source pairs (PairRecord)        synthetic/  teacher output (+ quarantine/)
       curated/     filtered synthetic (+ rejected/) mix/        original + curated at a ratio
     """
+    from ..progress import quiet_libraries
+
+    quiet_libraries()  # transformers / hub / datasets bars would interleave with cocoa's output
 
 
 @cli.command()

@@ -37,7 +37,9 @@ def scenes(config: ScenesConfig) -> None:
     \b
     Example:  cocoa-data scenes --out data/scenes --train 20000 --eval-per-task 200 --distractors 999
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+    from ..progress import Progress  # a live bar on a terminal, plain periodic lines in logs and pipes
 
     from ..datagen.sources.scenes import DATASETS, build_benchmark, write_contact_sheet
 

@@ -33,6 +33,9 @@ def cli(config: EvalConfig) -> None:
     Prints the score table and writes results.json, results.md and results.png.
     """
     from ..eval.evaluator import run
+    from ..progress import quiet_libraries
+
+    quiet_libraries()  # transformers' "Loading weights" bar would interleave with cocoa's output
 
     if not config.model:
         raise click.UsageError("--model is required: a model directory saved by cocoa-train")

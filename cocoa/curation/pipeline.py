@@ -916,8 +916,10 @@ def _report(ws: Workspace, df, ctx: Context, cfg: CurationConfig, eval_data, eva
 
 def make_progress(console: Any = None, show: bool = True):  # type: ignore[no-untyped-def]
     """A rich progress bar with count, rate and ETA."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, TextColumn, TimeRemainingColumn
     from rich.text import Text
+
+    from ..progress import Progress  # a live bar on a terminal, plain periodic lines in logs and pipes
 
     class Rate(ProgressColumn):
         def render(self, task):  # type: ignore[no-untyped-def]

@@ -1009,11 +1009,12 @@ class Synthesizer:
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
-            Progress,
             TextColumn,
             TimeElapsedColumn,
             TimeRemainingColumn,
         )
+
+        from ..progress import Progress  # a live bar on a terminal, plain periodic lines in logs and pipes
 
         self._t_start = time.time()
         prog = Progress(

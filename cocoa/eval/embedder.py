@@ -286,8 +286,10 @@ class encode_progress:
         self.total, self.description, self.console, self.disable = total, description, console, disable
 
     def __enter__(self) -> Callable[[int], None]:
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import (BarColumn, MofNCompleteColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        from ..progress import Progress  # a live bar on a terminal, plain periodic lines in logs and pipes
 
         class _Rate(TextColumn):
             def __init__(self) -> None:
