@@ -355,3 +355,28 @@ def test_progress_in_a_pipe_is_plain_lines_without_library_bars(ws, tiny_model_d
                for x in lines), lines
     assert "━" not in out and "…" not in out, out  # no (truncated) rich bar
     assert "Loading weights" not in out and "Writing model shards" not in out and "it/s]" not in out, out
+
+
+def test_plain_progress_prints_whole_lines_at_the_interval_and_at_the_end(tmp_path, monkeypatch):
+    from rich.console import Console
+
+    from cocoa.progress import PlainProgress, Progress, mode
+
+    log = tmp_path / "log.txt"
+    with open(log, "w") as f:
+        con = Console(file=f)
+        monkeypatch.delenv("COCOA_PROGRESS", raising=False)
+        assert mode(con) == "plain"  # a file is not a terminal
+        with Progress(console=con, unit="steps", interval=3600) as p:
+            assert isinstance(p, PlainProgress)
+            t = p.add_task("stage 2", total=500, info="")
+            for i in range(1, 501):
+                p.update(t, completed=i, info=f"loss {1 / i:.4f}  a long field " + "x" * 150)
+    lines = log.read_text().splitlines()
+    # one line (the interval is an hour): the final one, whole (no 80-column cut), with rate and ETA
+    assert len(lines) == 1 and lines[0].startswith("stage 2: 500/500 (100%) loss 0.0020  a long field " + "x" * 150)
+    assert re.search(r"\| [\d.,]+ steps/s, elapsed 0:00:\d\d, ETA 0:00:00$", lines[0]), lines
+    monkeypatch.setenv("COCOA_PROGRESS", "off")
+    with Progress(console=Console(file=open(os.devnull, "w"))) as p:
+        p.update(p.add_task("x", total=1), completed=1)
+    assert p.disable
