@@ -424,3 +424,28 @@ def test_quarantine_reasons_counter_in_summary_is_json(tmp_path):
     s = json.loads([x for x in r.output.splitlines() if x.startswith('{"summary"')][-1])["summary"]
     assert s["bad_pairs"] == 0 and s["source_skipped"] == {} and Counter(s["records"])["caption"] >= 1
     assert Path(s["out"]).name == "o"
+
+
+class SurrogateTeacher(CaptionTeacher):
+    """A user's teacher whose answers cannot be stored as UTF-8 (a lone surrogate, or not text at all)."""
+
+    backend = "mine-bad"
+
+    def generate(self, requests):
+        out = []
+        for i, r in enumerate(requests):
+            text = '{"caption": "half an emoji \ud83d here"}' if i % 2 == 0 else b'{"caption": "bytes"}'
+            out.append(TeacherResult(key=r.key, text=text))
+        return out
+
+
+def test_a_users_teacher_returning_unstorable_text_is_quarantined_with_its_reason(tmp_path):
+    src = tmp_path / "src"
+    write_records(src / "original", "PairRecord", _scene_pairs(4))
+    s = run_synth(SynthConfig(source="scenes", scenes_dir=str(src), out=str(tmp_path / "o"), tasks=["caption"],
+                              progress=False), teacher=SurrogateTeacher())
+    q = [r for r in open_dataset(tmp_path / "o" / "synthetic" / "quarantine") if r.stage != "source"]
+    assert s.quarantined == len(q) == 4 and {r.reason for r in q} == {"rejected"}
+    details = sorted(r.detail for r in q)
+    assert any("not valid UTF-8" in d and "\\ud83d" in d for d in details)
+    assert any("returned bytes, not text" in d for d in details)

@@ -76,7 +76,7 @@ from ..shards import (
     read_manifest,
 )
 from .schemas import TASKS, OutputError, json_schema, parse_output, schema_hash
-from .teachers.base import Sampling, Teacher, TeacherError, TeacherRequest
+from .teachers.base import Sampling, Teacher, TeacherError, TeacherRequest, TeacherResult, checked_result, text_problem
 
 KEY_VERSION = "cocoa-synth/1"
 WRITER = "cocoa-data synth"
@@ -909,6 +909,9 @@ class Synthesizer:
         results = self.teacher.generate(reqs)
         if len(results) != len(reqs):
             raise TeacherError(f"the {self.backend} teacher returned {len(results)} results for {len(reqs)} requests")
+        # whatever the teacher (a user's own included): text that cannot be stored as UTF-8 is a rejected
+        # answer with its reason, never a crash of the quarantine writer
+        results = [_storable(r) for r in results]
         retry: list[Planned] = []
         for p, r in zip(batch, results):
             s = self.summary
@@ -1064,3 +1067,15 @@ __all__ = [
     "SynthConfig", "VllmOptions", "Synthesizer", "SynthSummary", "SynthIncomplete", "SynthEmpty", "run_synth", "request_key",
     "partition", "part_name", "merge_parts", "list_parts", "TASKS",
 ]
+
+
+def _storable(r: TeacherResult) -> TeacherResult:
+    if r.text is None:
+        return r
+    if not isinstance(r.text, str):
+        return TeacherResult(r.key, None, error=f"the teacher returned {type(r.text).__name__}, not text",
+                             error_kind="rejected", prompt_tokens=r.prompt_tokens,
+                             completion_tokens=r.completion_tokens)
+    if text_problem(r.text):
+        return checked_result(r.key, r.text, prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens)
+    return r
