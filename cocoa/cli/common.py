@@ -1,4 +1,5 @@
-"""Shared CLI plumbing: clean errors instead of tracebacks, rich console, the not-yet-built marker."""
+"""Shared CLI plumbing: clean errors instead of tracebacks (a full disk and stray non-UTF-8 bytes
+included), the rich console."""
 
 from __future__ import annotations
 
@@ -67,7 +68,8 @@ class CocoaCommand(_CleanErrors, click.Command):
 def console():  # type: ignore[no-untyped-def]
     from rich.console import Console
 
-    return Console(stderr=False, highlight=False)
+    # soft_wrap: a line longer than the terminal (or than 80 columns in a log file) stays one line
+    return Console(stderr=False, highlight=False, soft_wrap=True)
 
 
 def not_implemented(what: str) -> None:
