@@ -286,8 +286,8 @@ def image_dependence(base: Path, n_pairs: int = 200, seed: int = 7) -> dict[str,
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from cocoa.datagen.sources import scenes
-    from cocoa.train import pretrain as P
+    from cocoa.sources import scenes
+    from cocoa.tiny import pretrain as P
 
     model = AutoModelForImageTextToText.from_pretrained(str(base)).eval()
     proc = AutoProcessor.from_pretrained(str(base))

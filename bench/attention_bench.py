@@ -85,8 +85,8 @@ def timeit(fn: Callable[[], Any], device: torch.device, steps: int, warmup: int)
 def attention_bench(size: dict[str, Any], device: torch.device, dtype: torch.dtype, steps: int, warmup: int) -> list[dict]:
     import torch.nn.functional as F
 
-    from cocoa.train.masks import Layout, block_mask, collaborative_mask
-    from cocoa.train.flex import _flex_fn
+    from cocoa.model.masks import Layout, block_mask, collaborative_mask
+    from cocoa.model.flex import _flex_fn
 
     H, KV = size["heads"], size["kv"]
     D = size["hidden"] // H
@@ -134,9 +134,9 @@ def attention_bench(size: dict[str, Any], device: torch.device, dtype: torch.dty
 def build_model(size_name: str, size: dict[str, Any], device: torch.device, dtype: torch.dtype):  # type: ignore[no-untyped-def]
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    from cocoa.train.model import CocoaModel
-    from cocoa.train.spec import EmbeddingSpec
-    from cocoa.train.tiny import SPECIAL_TOKENS, build_processor, build_tokenizer
+    from cocoa.model.wrapper import CocoaModel
+    from cocoa.model.spec import EmbeddingSpec
+    from cocoa.tiny.build import SPECIAL_TOKENS, build_processor, build_tokenizer
 
     tok = build_tokenizer()
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
@@ -179,7 +179,7 @@ def make_batches(size: dict[str, Any], processor: Any, spec: Any, device: torch.
     from PIL import Image
 
     from cocoa.records import ImageRef, MixRecord
-    from cocoa.train.collate import EmbedCollator, Stage1Collator, Stage2Collator, batch_to
+    from cocoa.model.collate import EmbedCollator, Stage1Collator, Stage2Collator, batch_to
 
     rng = random.Random(0)
     side = size["image"]
@@ -210,7 +210,7 @@ def make_batches(size: dict[str, Any], processor: Any, spec: Any, device: torch.
 
 def step_bench(size_name: str, size: dict[str, Any], device: torch.device, dtype: torch.dtype, steps: int, warmup: int,
                grad_ckpt: bool) -> list[dict]:
-    from cocoa.train.objectives import mntp_loss
+    from cocoa.model.objectives import mntp_loss
 
     m, processor, spec = build_model(size_name, size, device, dtype)
     m.ensure_image_decoder()

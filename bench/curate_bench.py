@@ -184,7 +184,7 @@ def write_workspace(ws: Path, texts: list[str], n_images: int, seed: int = 0) ->
     """The corpus as SynthRecord caption shards (fast Arrow path; ids are the records' content ids)."""
     import pyarrow as pa
 
-    from cocoa.curation.fixtures import noise_png
+    from cocoa.testing.curation import noise_png
     from cocoa.records import content_id
     from cocoa.shards import ShardWriter
 

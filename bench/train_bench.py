@@ -50,9 +50,9 @@ def build_model(size: str, device: Any, dtype: Any, image: int, attn: str = "sdp
     import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    from cocoa.train.model import CocoaModel
-    from cocoa.train.spec import EmbeddingSpec
-    from cocoa.train.tiny import MERGE_SIZE, PATCH_SIZE, SPECIAL_TOKENS, TEMPORAL_PATCH_SIZE, _mrope_section, \
+    from cocoa.model.wrapper import CocoaModel
+    from cocoa.model.spec import EmbeddingSpec
+    from cocoa.tiny.build import MERGE_SIZE, PATCH_SIZE, SPECIAL_TOKENS, TEMPORAL_PATCH_SIZE, _mrope_section, \
         build_processor, build_tokenizer
 
     tok = build_tokenizer()
@@ -82,7 +82,7 @@ def build_model(size: str, device: Any, dtype: Any, image: int, attn: str = "sdp
 
 
 def _words(rng: random.Random, n: int) -> str:
-    from cocoa.train.tiny import COLORS, FUNCTION_WORDS, RELATIONS, SHAPES
+    from cocoa.tiny.build import COLORS, FUNCTION_WORDS, RELATIONS, SHAPES
 
     pool = COLORS + SHAPES + RELATIONS + FUNCTION_WORDS
     return " ".join(rng.choice(pool) for _ in range(n))
@@ -101,7 +101,7 @@ def synthetic_batches(model: Any, stage: int, batch: int, image: int, qwords: in
                       seed: int = 0) -> Any:
     """Collated inputs for one step of ``stage`` (stage 3: query/target chunk lists)."""
     from cocoa.records import MixRecord
-    from cocoa.train.collate import EmbedCollator, Stage1Collator, Stage2Collator
+    from cocoa.model.collate import EmbedCollator, Stage1Collator, Stage2Collator
 
     rng = random.Random(seed)
     imgs = [_noise_image(rng, image) for _ in range(min(batch, 4))]
@@ -184,7 +184,7 @@ def bench_stage(model: Any, stage: int, data: Any, steps: int, warmup: int, devi
                 grad_ckpt: bool) -> dict[str, Any]:
     import torch
 
-    from cocoa.train.collate import batch_to
+    from cocoa.model.collate import batch_to
     from cocoa.train.config import TrainConfig
     from cocoa.train.distributed import DistInfo
     from cocoa.train.loop import _as_loss, _stage3_step

@@ -5,12 +5,12 @@ Library layout: ``cocoa.records`` (data contract), ``cocoa.shards`` (Arrow IO), 
 objectives, model wrapper, loop), ``cocoa.eval`` (MMEB/scenes evaluation, ``Embedder``).
 """
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401
 
 
 def __getattr__(name: str):  # lazy: `from cocoa import Embedder` without importing torch up front
     if name == "Embedder":
-        from .eval.embedder import Embedder
+        from .model.embedder import Embedder
 
         return Embedder
     raise AttributeError(name)

@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .train.pretrain import PRETRAIN_VERSION
+from .tiny.pretrain import PRETRAIN_VERSION
 
 
 @dataclass(frozen=True)

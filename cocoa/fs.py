@@ -29,25 +29,25 @@ import time
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
-from .records import RecordError
+from .errors import CocoaError
 
 MARKER = ".cocoa-owned"
 LOCK = ".cocoa.lock"
 
 
-class UnsafePathError(RecordError):
+class UnsafePathError(CocoaError):
     """A path read from a file points outside the directory it belongs to."""
 
 
-class LockedError(RecordError):
+class LockedError(CocoaError):
     """Another cocoa process holds the directory's lock."""
 
 
-class NotOwnedError(RecordError):
+class NotOwnedError(CocoaError):
     """A directory cocoa was asked to delete is not one cocoa made."""
 
 
-class TextFileError(RecordError):
+class TextFileError(CocoaError):
     """A text file (YAML, JSON, template) cocoa reads is not UTF-8 or not parseable."""
 
 

@@ -25,6 +25,8 @@ import pyarrow as pa
 import xxhash
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .errors import CocoaError
+
 SCHEMA_VERSION = 1
 
 MetaTask = Literal["classification", "vqa", "retrieval", "grounding"]
@@ -35,7 +37,7 @@ SynthKind = Literal["caption", "qa"]
 MAX_IMAGE_PIXELS = 64_000_000
 
 
-class RecordError(ValueError):
+class RecordError(CocoaError):
     """A record (or the file it came from) is not valid. The message names it and says what to do."""
 
 

@@ -34,7 +34,8 @@ import pyarrow.ipc as ipc
 from pydantic import BaseModel, ConfigDict, Field
 
 from .fs import TextFileError, contained, read_json
-from .records import RECORD_TYPES, SCHEMA_VERSION, RecordError, from_row, schema_for, to_row
+from .records import RECORD_TYPES, SCHEMA_VERSION, from_row, schema_for, to_row
+from .errors import CocoaError
 
 MANIFEST = "manifest.json"
 FORMAT = "cocoa-shards"
@@ -43,7 +44,7 @@ FORMAT = "cocoa-shards"
 SHARD_NAME = re.compile(r"^(?:parts/part-\d{5}-of-\d{5}/)?shard(?:-\d{10})?-\d{5}\.arrow$")
 
 
-class ShardError(RecordError):
+class ShardError(CocoaError):
     """A dataset directory or shard cannot be used as it is; the message says which and what to do."""
 
 

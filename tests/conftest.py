@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A freshly built offline tiny Qwen2-VL (model + tokenizer + processor + cocoa.json)."""
-    from cocoa.train.tiny import build_tiny_model
+    from cocoa.tiny.build import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen2-vl", arch="qwen2-vl", seed=0)
 
@@ -22,7 +22,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def scenes_root(tmp_path_factory):
     """A small scenes benchmark: root/original (PairRecord) and root/eval/<dataset> (EvalRecord)."""
-    from cocoa.datagen.sources.scenes import build_benchmark
+    from cocoa.sources.scenes import build_benchmark
 
     root = tmp_path_factory.mktemp("scenes")
     build_benchmark(root, n_train=240, eval_per_task=12, n_distractors=15, seed=0)

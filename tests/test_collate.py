@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from cocoa.records import ImageRef, MixRecord
-from cocoa.train.collate import (
+from cocoa.model.collate import (
     IMAGE_BLOCK,
     CollateError,
     EmbedCollator,
@@ -15,8 +15,8 @@ from cocoa.train.collate import (
     Stage2Collator,
     render_text,
 )
-from cocoa.train.objectives import IGNORE
-from cocoa.train.spec import EmbeddingSpec
+from cocoa.model.objectives import IGNORE
+from cocoa.model.spec import EmbeddingSpec
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_truncation_never_cuts_image(proc, caplog):
     c_small = Stage1Collator(p, spec, max_length=10)
     big = MixRecord(origin="original", origin_id="big", stages=[1], image=ImageRef.from_pil(img(size=112)), text="big")
     small = MixRecord(origin="original", origin_id="small", stages=[1], image=ImageRef.from_pil(img(size=56)), text="red")
-    with caplog.at_level(logging.WARNING, logger="cocoa.train.collate"):
+    with caplog.at_level(logging.WARNING, logger="cocoa.model.collate"):
         out = c_small([big, small])
     assert out["input_ids"].shape[0] == 1 and c_small.stats["rejected"] == 1
     assert out["image_grid_thw"].tolist() == [[1, 4, 4]]

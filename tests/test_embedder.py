@@ -60,7 +60,7 @@ def test_same_pooling_as_training(embedder):
     """The Embedder's vectors are exactly CocoaModel.embed over an EmbedCollator batch (training's path)."""
     import torch
 
-    from cocoa.train.collate import EmbedCollator
+    from cocoa.model.collate import EmbedCollator
 
     col = EmbedCollator(embedder.model.processor, embedder.model.spec)
     items = list(zip(TEXTS, _images()))
@@ -101,7 +101,7 @@ def test_image_header_size_reads_headers_and_returns_none_for_non_images():
 
     from PIL import Image
 
-    from cocoa.eval.embedder import image_header_size
+    from cocoa.model.embedder import image_header_size
 
     buf = io.BytesIO()
     Image.new("RGB", (37, 21)).save(buf, format="PNG")

@@ -12,7 +12,7 @@ DS = ["SceneCls", "SceneT2I"]
 @pytest.fixture
 def count_forwards(monkeypatch):
     """Count real forward passes of CocoaModel.embed (the model still runs)."""
-    from cocoa.train.model import CocoaModel
+    from cocoa.model.wrapper import CocoaModel
 
     calls = {"batches": 0, "items": 0}
     orig = CocoaModel.embed
@@ -72,7 +72,7 @@ def test_cache_reruns_and_added_datasets_encode_only_what_is_new(tiny_model_dir,
 
 def test_interrupted_run_resumes_from_the_cache(tiny_model_dir, scenes_root, tmp_path, count_forwards, monkeypatch):
     from cocoa.eval import evaluate
-    from cocoa.train.model import CocoaModel
+    from cocoa.model.wrapper import CocoaModel
 
     kw = dict(data=scenes_root, datasets=["SceneI2T"], limit=3, cache_dir=tmp_path / "cache", quiet=True,
               batch_size=4, flush_every=4, out=tmp_path / "out", plot=False)

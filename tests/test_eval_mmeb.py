@@ -10,7 +10,7 @@ MMEB_DS = ["ImageNet-1K", "MSCOCO_t2i", "RefCOCO"]  # classification/IND, retrie
 
 @pytest.fixture(scope="module")
 def mmeb_dir(tmp_path_factory):
-    from cocoa.datagen.sources.mmeb_fixture import write_mmeb_eval_fixture
+    from cocoa.testing.mmeb import write_mmeb_eval_fixture
 
     root = tmp_path_factory.mktemp("mmeb") / "MMEB-eval"
     return write_mmeb_eval_fixture(root, datasets=MMEB_DS, n_per_dataset=3, n_candidates=5)
@@ -78,7 +78,7 @@ def test_mmeb_inputs_line_up_with_their_embeddings(tiny_model_dir, mmeb_dir, tmp
 
 
 def test_mmeb_bad_input(tiny_model_dir, tmp_path):
-    from cocoa.datagen.sources.mmeb_fixture import write_mmeb_eval_fixture
+    from cocoa.testing.mmeb import write_mmeb_eval_fixture
 
     bad_row = {"qry_text": "<|image_1|> Represent the given image for classification",
                "qry_img_path": "ImageNet-1K/ImageNet-1K_0.jpg", "tgt_text": ["", "red cube", "blue ball"],

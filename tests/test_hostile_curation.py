@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from cocoa.cli.data import cli
-from cocoa.curation.fixtures import caption, noise_image, pair, qa, unique_sentence
+from cocoa.testing.curation import caption, noise_image, pair, qa, unique_sentence
 from cocoa.records import QuarantineRecord, RecordError, from_row, schema_for, to_row
 from cocoa.shards import MANIFEST, ShardWriter, Workspace, open_dataset, write_records
 
@@ -278,8 +278,8 @@ def test_inspect_refuses_what_a_reader_would_refuse(tmp_path):
 # item 16: --eval-data takes MMEB-eval in its published layout
 # ---------------------------------------------------------------------------------------------
 def test_curate_decontaminates_against_an_mmeb_eval_directory(tmp_path):
-    from cocoa.datagen.sources.mmeb import iter_mmeb_eval
-    from cocoa.datagen.sources.mmeb_fixture import write_mmeb_eval_fixture
+    from cocoa.sources.mmeb import iter_mmeb_eval
+    from cocoa.testing.mmeb import write_mmeb_eval_fixture
 
     ev = write_mmeb_eval_fixture(tmp_path / "MMEB-eval", datasets=("MSCOCO_t2i", "OK-VQA"), n_per_dataset=3,
                                  n_candidates=4)

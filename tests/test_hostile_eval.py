@@ -25,7 +25,7 @@ def _eval(*args, timeout=120):
 
 @pytest.fixture
 def mmeb(tmp_path):
-    from cocoa.datagen.sources.mmeb_fixture import write_mmeb_eval_fixture
+    from cocoa.testing.mmeb import write_mmeb_eval_fixture
 
     return write_mmeb_eval_fixture(tmp_path / "MMEB-eval", datasets=["ImageNet-1K", "MSCOCO_t2i"], n_per_dataset=2,
                                    n_candidates=3)
@@ -268,7 +268,7 @@ def test_memo_file_that_is_not_utf8_or_not_json_is_ignored(tmp_path):
 
 
 def test_model_config_that_is_not_utf8_names_the_file(tmp_path):
-    from cocoa.eval.embedder import resolve_spec
+    from cocoa.model.embedder import resolve_spec
     from cocoa.records import RecordError
 
     model = tmp_path / "model"

@@ -2,7 +2,6 @@
 a full disk, locks and owned directories. Real files, real subprocesses, a real (tmpfs) full disk."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys

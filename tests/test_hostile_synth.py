@@ -21,7 +21,8 @@ from cocoa.cli.data import cli
 from cocoa.datagen.synth import SynthConfig, SynthEmpty, Synthesizer, run_synth
 from cocoa.datagen.teachers.base import Teacher, TeacherResult
 from cocoa.fs import is_locked
-from cocoa.records import ImageRef, PairRecord, RecordError
+from cocoa.errors import CocoaError
+from cocoa.records import ImageRef, PairRecord
 from cocoa.shards import open_dataset, write_records
 
 
@@ -31,7 +32,7 @@ def _cli(*args):
 
 def _scene_pairs(n, seed=1):
     """``n`` scene pairs that each have a query image."""
-    from cocoa.datagen.sources.scenes import iter_train_pairs
+    from cocoa.sources.scenes import iter_train_pairs
 
     return [p for p in iter_train_pairs(4 * n, seed=seed) if p.qry_image is not None][:n]
 
@@ -159,7 +160,7 @@ def test_overwrite_refuses_a_foreign_directory_and_marks_what_it_creates(tmp_pat
 
 
 def test_scenes_overwrite_refuses_a_foreign_directory_before_building(tmp_path):
-    from cocoa.datagen.sources.scenes import build_benchmark
+    from cocoa.sources.scenes import build_benchmark
     from cocoa.fs import NotOwnedError
 
     root = tmp_path / "bench"
@@ -229,7 +230,7 @@ def _tamper_mmeb_texts(root):
 
 
 def test_mmeb_non_utf8_row_is_quarantined_and_binary_text_is_decoded_with_a_given_teacher(tmp_path):
-    from cocoa.datagen.sources.mmeb_fixture import write_mmeb_train_fixture
+    from cocoa.testing.mmeb import write_mmeb_train_fixture
 
     root = write_mmeb_train_fixture(tmp_path / "mmeb", subsets=["ImageNet_1K"], n_per_subset=3)
     f, labels = _tamper_mmeb_texts(root)
@@ -251,8 +252,8 @@ def test_mmeb_readers_quarantine_non_utf8_rows_and_decode_binary_text(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cocoa.datagen.sources.mmeb import SourceReport, iter_mmeb_eval, iter_mmeb_train
-    from cocoa.datagen.sources.mmeb_fixture import write_mmeb_eval_fixture, write_mmeb_train_fixture
+    from cocoa.sources.mmeb import SourceReport, iter_mmeb_eval, iter_mmeb_train
+    from cocoa.testing.mmeb import write_mmeb_eval_fixture, write_mmeb_train_fixture
 
     root = write_mmeb_train_fixture(tmp_path / "mmeb", subsets=["ImageNet_1K"], n_per_subset=3)
     f, labels = _tamper_mmeb_texts(root)
@@ -300,7 +301,7 @@ def test_bad_template_is_refused_before_any_output(tmp_path, template):
     tdir.mkdir()
     (tdir / "caption_natural.j2").write_text(template)
     out = tmp_path / "o"
-    with pytest.raises(RecordError, match="caption_natural"):
+    with pytest.raises(CocoaError, match="caption_natural"):
         run_synth(SynthConfig(source="scenes", scenes_n=2, tasks=["caption"], prompts=str(tdir), out=str(out),
                               progress=False))
     assert not out.exists()
@@ -338,7 +339,7 @@ def test_corrupt_image_in_a_source_shard_is_quarantined_not_copied(tmp_path):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("flag", ["--mmeb-image-dir", "--mmeb-dir", "--scenes-dir"])
 def test_bad_input_paths_name_the_flag_and_create_nothing(tmp_path, flag):
-    from cocoa.datagen.sources.mmeb_fixture import write_mmeb_train_fixture
+    from cocoa.testing.mmeb import write_mmeb_train_fixture
 
     missing = str(tmp_path / "nonexistent")
     out = tmp_path / "o"
@@ -357,13 +358,13 @@ def test_bad_input_paths_name_the_flag_and_create_nothing(tmp_path, flag):
 
 
 def test_out_that_is_a_file_is_a_clear_error(tmp_path):
-    from cocoa.datagen.sources.scenes import build_benchmark
+    from cocoa.sources.scenes import build_benchmark
 
     f = tmp_path / "afile"
     f.write_text("x")
     r = _cli("--source", "scenes", "--scenes-n", "2", "--out", str(f))
     assert r.exit_code == 1 and "--out" in r.output and "is a file" in r.output and "Traceback" not in r.output
-    with pytest.raises(RecordError, match="is a file"):
+    with pytest.raises(CocoaError, match="is a file"):
         build_benchmark(f, n_train=2, eval_per_task=1, n_distractors=2, datasets=["SceneCls"])
     assert f.read_text() == "x"
 
@@ -374,7 +375,7 @@ def test_out_that_is_a_file_is_a_clear_error(tmp_path):
 def test_missing_image_zips_is_a_failure_with_the_reasons(tmp_path):
     import shutil
 
-    from cocoa.datagen.sources.mmeb_fixture import write_mmeb_train_fixture
+    from cocoa.testing.mmeb import write_mmeb_train_fixture
 
     root = write_mmeb_train_fixture(tmp_path / "mmeb", subsets=["ImageNet_1K", "OK-VQA"], n_per_subset=3)
     shutil.rmtree(root / "images_zip")

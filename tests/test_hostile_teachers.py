@@ -93,7 +93,7 @@ def server():
 
 @pytest.fixture(scope="module")
 def image():
-    from cocoa.datagen.sources.scenes import iter_train_pairs
+    from cocoa.sources.scenes import iter_train_pairs
 
     return next(p for p in iter_train_pairs(3) if p.qry_image is not None).qry_image.bytes
 

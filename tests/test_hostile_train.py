@@ -256,8 +256,8 @@ def test_bad_image_is_named_or_skipped_and_counted(scenes_root, tiny_model_dir, 
 def test_tokenizer_larger_than_the_embedding_table_is_named(ws, tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    from cocoa.eval.embedder import Embedder
-    from cocoa.train.model import VocabMismatchError
+    from cocoa.model.embedder import Embedder
+    from cocoa.model.wrapper import VocabMismatchError
 
     m = tmp_path / "model"
     shutil.copytree(tiny_model_dir, m)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cocoa.train.masks import (
+from cocoa.model.masks import (
     Layout,
     bidirectional_mask,
     block_mask,

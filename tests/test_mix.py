@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from cocoa.cli.data import cli
-from cocoa.curation.fixtures import caption, noise_image, noise_png, pair, qa, unique_sentence
+from cocoa.testing.curation import caption, noise_image, noise_png, pair, qa, unique_sentence
 from cocoa.curation.mix import (
     CAPTION_PROMPT,
     RatioError,

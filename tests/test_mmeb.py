@@ -7,8 +7,8 @@ import zlib
 
 import pytest
 
-from cocoa.datagen.sources import mmeb as M
-from cocoa.datagen.sources.mmeb_fixture import write_mmeb_eval_fixture, write_mmeb_train_fixture, write_parquet
+from cocoa.sources import mmeb as M
+from cocoa.testing.mmeb import write_mmeb_eval_fixture, write_mmeb_train_fixture, write_parquet
 from cocoa.records import EvalRecord, PairRecord
 from cocoa.shards import open_dataset
 
@@ -109,7 +109,7 @@ def test_train_from_extracted_dir_and_old_split(train_root, tmp_path):
 
 
 def test_eval_round_trip(eval_root, tmp_path):
-    from cocoa.datagen.sources.scenes import load_eval_hf
+    from cocoa.sources.scenes import load_eval_hf
 
     recs = list(M.iter_mmeb_eval(eval_root))
     assert len(recs) == 12

@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 from cocoa.records import ImageRef, MixRecord
-from cocoa.train.collate import EmbedCollator, Stage2Collator
-from cocoa.train.model import CocoaModel, call_filtered, ensure_mask_token
-from cocoa.train.spec import EmbeddingSpec
+from cocoa.model.collate import EmbedCollator, Stage2Collator
+from cocoa.model.wrapper import CocoaModel, call_filtered, ensure_mask_token
+from cocoa.model.spec import EmbeddingSpec
 
 
 @pytest.fixture(scope="module")
@@ -243,8 +243,8 @@ def test_call_filtered_drops_unnamed_kwargs_even_with_catch_all():
 
 def test_qwen2_5_vl_wrapper_collaborative_and_stage1():
     """The same wrapper on Qwen2.5-VL (window-attention ViT, same processor row order)."""
-    from cocoa.train.collate import Stage1Collator
-    from cocoa.train.tiny import tiny_model_dir
+    from cocoa.model.collate import Stage1Collator
+    from cocoa.tiny.build import tiny_model_dir
 
     m = CocoaModel.from_pretrained(tiny_model_dir(arch="qwen2.5-vl")).eval()
     assert type(m.base).__name__ == "Qwen2_5_VLForConditionalGeneration"

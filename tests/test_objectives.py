@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cocoa.train.objectives import (
+from cocoa.model.objectives import (
     IGNORE,
     ImageDecoder,
     eos_reconstruction_loss,

@@ -9,14 +9,14 @@ from click.testing import CliRunner
 
 from cocoa.records import PairRecord, RecordError
 from cocoa.shards import write_records
-from cocoa.train import pretrain as P
-from cocoa.train.spec import EmbeddingSpec
+from cocoa.tiny import pretrain as P
+from cocoa.model.spec import EmbeddingSpec
 
 
 @pytest.fixture(scope="module")
 def pairs_root(tmp_path_factory):
     """A small scenes-like benchmark root: root/original holds PairRecord shards."""
-    from cocoa.datagen.sources import scenes
+    from cocoa.sources import scenes
 
     root = tmp_path_factory.mktemp("pairs")
     recs = list(scenes.iter_train_pairs(24, seed=3))

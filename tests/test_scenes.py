@@ -6,7 +6,7 @@ import random
 import pytest
 from click.testing import CliRunner
 
-from cocoa.datagen.sources import scenes as S
+from cocoa.sources import scenes as S
 from cocoa.records import EvalRecord, PairRecord, RecordError
 from cocoa.shards import open_dataset
 

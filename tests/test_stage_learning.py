@@ -9,10 +9,10 @@ import itertools
 import pytest
 import torch
 
-from cocoa.datagen.sources.scenes import iter_train_pairs
+from cocoa.sources.scenes import iter_train_pairs
 from cocoa.records import MixRecord
-from cocoa.train.collate import EmbedCollator, Stage1Collator, Stage2Collator
-from cocoa.train.model import CocoaModel
+from cocoa.model.collate import EmbedCollator, Stage1Collator, Stage2Collator
+from cocoa.model.wrapper import CocoaModel
 
 STEPS = 30  # small fixed budget (the suite runs on 2 shared cores); a clear margin is still required
 BATCH = 4

@@ -119,7 +119,7 @@ def test_partition_and_keys():
 
 
 def test_duplicate_images_make_one_request_and_unusable_records_are_quarantined(tmp_path):
-    from cocoa.datagen.sources.scenes import iter_train_pairs
+    from cocoa.sources.scenes import iter_train_pairs
 
     good = [p for p in iter_train_pairs(6, seed=1) if p.qry_image is not None][:2]
     # same image as good[0] with other texts -> no new request; a record without a scene graph -> rejected;
@@ -163,7 +163,7 @@ def test_prompts_override_changes_keys_and_template_hash(tmp_path):
 
 
 def test_existing_original_from_another_command_is_used_as_input(tmp_path):
-    from cocoa.datagen.sources.scenes import iter_train_pairs
+    from cocoa.sources.scenes import iter_train_pairs
 
     out = tmp_path / "ws"
     write_records(out / "original", "PairRecord", iter_train_pairs(4, seed=2))
@@ -174,7 +174,7 @@ def test_existing_original_from_another_command_is_used_as_input(tmp_path):
 
 
 def test_mmeb_source_with_the_transformers_teacher(tmp_path, tiny_model_dir):
-    from cocoa.datagen.sources.mmeb_fixture import write_mmeb_train_fixture
+    from cocoa.testing.mmeb import write_mmeb_train_fixture
 
     root = write_mmeb_train_fixture(tmp_path / "mmeb", subsets=["ImageNet_1K", "MSCOCO_t2i"], n_per_subset=2)
     r = synth("--source", "mmeb", "--mmeb-dir", str(root), "--out", str(tmp_path / "o"), "--backend", "transformers",

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from cocoa.datagen.schemas import json_schema, parse_output
-from cocoa.datagen.sources.scenes import Scene, iter_train_pairs
+from cocoa.sources.scenes import Scene, iter_train_pairs
 from cocoa.datagen.teachers import vllm as vb
 from cocoa.datagen.teachers.base import Sampling, TeacherError, TeacherRequest, data_url
 from cocoa.datagen.teachers.scenes import ScenesTeacher

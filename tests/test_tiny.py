@@ -8,8 +8,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cocoa.records import RecordError
-from cocoa.train import tiny
-from cocoa.train.spec import EmbeddingSpec
+from cocoa.tiny import build as tiny
+from cocoa.model.spec import EmbeddingSpec
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_special_tokens_and_ids_match_config_and_spec(which, tiny_model_dir, tin
 def test_tokenizer_round_trips_scenes_text(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from cocoa.datagen.sources import scenes
+    from cocoa.sources import scenes
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     texts = []

@@ -59,7 +59,7 @@ def stage3_grads(ws, model_dir, info, ddp):
     import torch
 
     from cocoa.train import distributed as D
-    from cocoa.train.collate import EmbedCollator
+    from cocoa.model.collate import EmbedCollator
     from cocoa.train.config import resolve_preset
     from cocoa.train.data import ArrowRecords, rank_slice
     from cocoa.train.loop import _dispatch_module, _load_cocoa_model, _stage3_step
@@ -137,10 +137,10 @@ def stage3_grads_local(ws, model_dir):
     """The InfoNCE loss of rank 0's 4 pairs alone (in-batch negatives from those 4 only)."""
     import torch
 
-    from cocoa.train.collate import EmbedCollator
+    from cocoa.model.collate import EmbedCollator
     from cocoa.train.data import ArrowRecords
-    from cocoa.train.model import CocoaModel
-    from cocoa.train.objectives import info_nce
+    from cocoa.model.wrapper import CocoaModel
+    from cocoa.model.objectives import info_nce
 
     m = CocoaModel.from_pretrained(model_dir)
     recs = ArrowRecords(Path(ws) / "original")

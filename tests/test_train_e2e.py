@@ -40,10 +40,10 @@ def _fixed_batch_losses(model_dir, ws, k):
     """Stage ``k``'s loss on a fixed batch (same records, same masks) for the model in ``model_dir``."""
     import torch
 
-    from cocoa.train.collate import EmbedCollator, Stage1Collator, Stage2Collator
+    from cocoa.model.collate import EmbedCollator, Stage1Collator, Stage2Collator
     from cocoa.train.data import ArrowRecords
-    from cocoa.train.model import CocoaModel
-    from cocoa.train.objectives import info_nce
+    from cocoa.model.wrapper import CocoaModel
+    from cocoa.model.objectives import info_nce
 
     m = CocoaModel.from_pretrained(model_dir, load_image_decoder=False).eval()
     with torch.no_grad():
@@ -67,7 +67,7 @@ def test_three_stages_end_to_end(ws, tiny_model_dir, tmp_path, one_thread):
     import torch
 
     from cocoa.cli.train import cli
-    from cocoa.train.model import CocoaModel
+    from cocoa.model.wrapper import CocoaModel
 
     out = tmp_path / "run"
     args = ["--stages", "1,2,3", "--data", str(ws), "--model", str(tiny_model_dir), "--out", str(out),
@@ -106,7 +106,7 @@ def test_three_stages_end_to_end(ws, tiny_model_dir, tmp_path, one_thread):
     s2 = AutoModelForImageTextToText.from_pretrained(out / "stage2" / "model")
     w3, w2 = hf.state_dict(), s2.state_dict()
     assert any(not torch.equal(w3[k], w2[k]) for k in w3)  # stage 3 trained on top of stage 2
-    from cocoa.train.collate import EmbedCollator
+    from cocoa.model.collate import EmbedCollator
 
     batch = EmbedCollator(m.processor, m.spec)([("a red circle", None), ("a blue square", None)])
     with torch.no_grad():

@@ -1,15 +1,15 @@
-"""Contrastive alignment of the vision tower before generative pre-training (cocoa.train.vision_align)."""
+"""Contrastive alignment of the vision tower before generative pre-training (cocoa.tiny.vision_align)."""
 
 import pytest
 import torch
 
-from cocoa.train.vision_align import BagOfWords, align_vision, mean_offdiag_cosine
+from cocoa.tiny.vision_align import BagOfWords, align_vision, mean_offdiag_cosine
 
 
 @pytest.fixture(scope="module")
 def scene_pairs():
-    from cocoa.datagen.sources import scenes
-    from cocoa.train.pretrain import examples_from_record
+    from cocoa.sources import scenes
+    from cocoa.tiny.pretrain import examples_from_record
 
     exs = [ex for rec in scenes.iter_train_pairs(24, seed=5) for ex in examples_from_record(rec) if ex.kind == "caption"]
     return [((lambda ex=ex: ex.image.load(None)), ex.response) for ex in exs]

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from ..records import RecordError
+from ..errors import CocoaError
 
 
 class _CleanErrors:
@@ -17,7 +17,7 @@ class _CleanErrors:
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)  # type: ignore[misc]
-        except RecordError as e:
+        except CocoaError as e:
             raise click.ClickException(str(e)) from None
         except FileNotFoundError as e:
             raise click.ClickException(f"{e.filename or e}: no such file or directory") from None

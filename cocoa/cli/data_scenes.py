@@ -41,7 +41,7 @@ def scenes(config: ScenesConfig) -> None:
 
     from ..progress import Progress  # a live bar on a terminal, plain periodic lines in logs and pipes
 
-    from ..datagen.sources.scenes import DATASETS, build_benchmark, write_contact_sheet
+    from ..sources.scenes import DATASETS, build_benchmark, write_contact_sheet
 
     unknown = [d for d in config.datasets if d not in DATASETS]
     if unknown:

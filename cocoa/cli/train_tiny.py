@@ -13,7 +13,7 @@ import click
 from pydantic import Field
 
 from ..config import Config, config_options
-from ..train.pretrain import PretrainConfig  # light: pydantic only (torch is imported when training)
+from ..tiny.pretrain import PretrainConfig  # light: pydantic only (torch is imported when training)
 from .common import console
 
 
@@ -36,7 +36,7 @@ def tiny_model(config: TinyModelConfig) -> None:
     Qwen2-VL's special tokens and <|mask|>, a Qwen2VLProcessor with small min/max pixels, and cocoa.json.
     """
     from ..progress import quiet_libraries
-    from ..train.tiny import build_tiny_model
+    from ..tiny.build import build_tiny_model
 
     quiet_libraries()
 
@@ -91,8 +91,8 @@ def pretrain_tiny(config: PretrainConfig) -> None:
     With --out the cached model is also copied there. Loss per step: pretrain_metrics.jsonl in the model.
     """
     from ..progress import quiet_libraries
-    from ..train.pretrain import pretrained_tiny_dir, read_metrics
-    from ..train.spec import EmbeddingSpec
+    from ..tiny.pretrain import pretrained_tiny_dir, read_metrics
+    from ..model.spec import EmbeddingSpec
 
     quiet_libraries()
 

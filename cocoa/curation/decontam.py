@@ -25,12 +25,13 @@ from ..records import RecordError, digest
 from ..shards import MANIFEST, open_dataset, read_manifest
 from .images import analyse_image, phash_pairs
 from .text import ngrams, normalize_text, row_index, word_hashes
+from ..errors import CocoaError
 
 
 def mmeb_eval_datasets(path: Path) -> list[str]:
     """The MMEB-V1 datasets of an MMEB-eval directory in its published layout (``<Dataset>/test-*.parquet``
     + ``images.zip``, as ``TIGER-Lab/MMEB-eval``), or ``[]`` when ``path`` is not one."""
-    from ..datagen.sources.mmeb import mmeb_v1_by_name
+    from ..sources.mmeb import mmeb_v1_by_name
 
     if not path.is_dir():
         return []
@@ -153,7 +154,7 @@ def build_eval_index(path: str | Path, ngram: int, max_pixels: int, template_tex
                     continue
                 try:
                     data = ref.read_bytes(d)
-                except RecordError as e:
+                except CocoaError as e:
                     idx.unreadable.append(str(e))
                     continue
                 key = digest(data)
@@ -207,7 +208,7 @@ def _records(src: EvalSource):  # type: ignore[no-untyped-def]
     """(EvalRecord iterator, data root of its image paths, MMEB SourceReport or None)."""
     if src.kind == "cocoa":
         return iter(open_dataset(src.path, record_type="EvalRecord")), src.path, None
-    from ..datagen.sources.mmeb import SourceReport, iter_mmeb_eval
+    from ..sources.mmeb import SourceReport, iter_mmeb_eval
 
     report = SourceReport()
     return iter_mmeb_eval(src.path, datasets=src.datasets, on_error="skip", report=report), src.path, report

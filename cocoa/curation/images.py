@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..records import digest
+from ..errors import CocoaError
 
 
 @dataclass
@@ -93,13 +94,13 @@ def analyse_image(data: bytes, max_pixels: int, name: str = "<image>") -> ImageI
 
 def read_ref_bytes(ref: dict, root: Path | None) -> tuple[bytes | None, str]:
     """The bytes of an Arrow image struct (embedded, or a path under ``root``), or (None, error)."""
-    from ..records import ImageRef, RecordError
+    from ..records import ImageRef
 
     if ref.get("bytes") is not None:
         return ref["bytes"], ""
     try:
         return ImageRef(path=ref["path"]).read_bytes(root), ""
-    except (RecordError, ValueError, OSError) as e:
+    except (CocoaError, ValueError, OSError) as e:
         return None, str(e)
 
 

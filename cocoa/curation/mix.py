@@ -30,6 +30,7 @@ import xxhash
 
 from ..records import ImageRef, MixRecord, PairRecord, RecordError, SynthRecord, canonical_json
 from ..shards import ShardWriter, Workspace, atomic_write_json, atomic_write_text, open_dataset
+from ..errors import CocoaError
 
 CAPTION_PROMPT = "Describe the image in detail."
 
@@ -281,7 +282,7 @@ def _run_mix(ws: Workspace, a: float, b: float, stratify: bool, upsample: bool, 
             o_ids.append(rec.id)
             o_src.append(rec.source)
             o_rows.append(i)
-    except RecordError as e:  # an invalid PairRecord: stage 3 reads original/ too, so it is an error, not a skip
+    except CocoaError as e:  # an invalid PairRecord: stage 3 reads original/ too, so it is an error, not a skip
         raise RecordError(f"{e}. {ws.original} must hold valid PairRecords (stage 3 trains on them as well): "
                           "regenerate it with the command that wrote it (`cocoa-data scenes`, `cocoa-data synth "
                           "--source mmeb`), or mix synthetic rows only with --ratio 0:1") from None

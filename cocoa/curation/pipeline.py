@@ -25,13 +25,14 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from ..records import RecordError, canonical_json, content_id, digest, from_row, payload_json, schema_for
+from ..records import canonical_json, content_id, digest, from_row, payload_json, schema_for
 from ..shards import (MANIFEST, ShardDataset, ShardError, ShardWriter, Workspace, atomic_write_json, open_dataset,
                       read_manifest)
 from .config import CurationConfig
 from .dedup import first_of_groups_cols, near_duplicates, text_digests
 from .images import ImageTable, image_key, phash_clusters
 from .text import WORD_RE, combined_pattern, longest_repeat, normalize_series, repeated_share, word_hashes
+from ..errors import CocoaError
 
 REASON = "_reason"
 DETAIL = "_detail"
@@ -771,7 +772,7 @@ def quarantine_summary(path: Path, top: int = 5) -> tuple[int, list[tuple[str, i
     try:
         q = open_dataset(path, record_type="QuarantineRecord", verify=False)
         counts = q.scan().group_by("reason").len().sort(["len", "reason"], descending=[True, False]).collect()
-    except (RecordError, OSError, pl.exceptions.PolarsError):
+    except (CocoaError, OSError, pl.exceptions.PolarsError):
         return None
     return len(q), [(r, int(n)) for r, n in counts.head(top).iter_rows()]
 

@@ -77,6 +77,7 @@ from ..shards import (
 )
 from .schemas import TASKS, OutputError, json_schema, parse_output, schema_hash
 from .teachers.base import Sampling, Teacher, TeacherError, TeacherRequest, TeacherResult, checked_result, text_problem
+from ..errors import CocoaError
 
 KEY_VERSION = "cocoa-synth/1"
 WRITER = "cocoa-data synth"
@@ -382,7 +383,7 @@ def open_source(config: SynthConfig, ws: Workspace) -> Source:
             return _dataset_source("scenes", path, ws, config.limit)
         if is_dataset(ws.original) and read_manifest(ws.original).provenance.get("writer") != WRITER:
             return _dataset_source("scenes", ws.original, ws, config.limit)
-        from .sources.scenes import iter_train_pairs
+        from ..sources.scenes import iter_train_pairs
 
         n = config.scenes_n if config.limit is None else min(config.scenes_n, config.limit)
         return Source("scenes", iter_train_pairs(n, seed=config.scenes_seed), n, None, True,
@@ -391,7 +392,7 @@ def open_source(config: SynthConfig, ws: Workspace) -> Source:
 
 
 def _mmeb_source(config: SynthConfig) -> Source:
-    from .sources import mmeb
+    from ..sources import mmeb
 
     report = mmeb.SourceReport()
     src: str | Path = config.mmeb_dir or mmeb.TRAIN_REPO
@@ -495,11 +496,11 @@ class SynthSummary:
                 f"{Workspace(self.out).quarantine}")
 
 
-class SynthIncomplete(RecordError):
+class SynthIncomplete(CocoaError):
     """The run stopped with work left (server unavailable); committed work is kept, rerun to finish."""
 
 
-class SynthEmpty(RecordError):
+class SynthEmpty(CocoaError):
     """The run finished but the source gave no usable pair: nothing to train on (a failure, not a success)."""
 
 
@@ -565,7 +566,7 @@ class Synthesizer:
                 try:
                     decode_image(data, name=name)
                     decoded[d] = None
-                except RecordError as e:
+                except CocoaError as e:
                     decoded[d] = str(e)
             return decoded[d]
 
@@ -578,7 +579,7 @@ class Synthesizer:
                     continue
                 try:
                     images[role] = (ref.read_bytes(source.image_root), "")
-                except RecordError as e:
+                except CocoaError as e:
                     images[role] = (None, str(e))
             requests: list[tuple[str, Any]] = []
             bad: dict[str, str] = {r: err for r, (data, err) in images.items() if data is None}

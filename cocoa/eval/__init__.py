@@ -13,7 +13,7 @@ __all__ = ["evaluate", "run", "EvalConfig", "EvalResult", "EvalSet", "Embedder",
 
 _WHERE = {
     "evaluate": "evaluator", "run": "evaluator", "EvalConfig": "evaluator", "EvalError": "evaluator", "load_sets": "evaluator",
-    "EvalResult": "scoring", "hits_at_1": "scoring", "aggregate": "scoring", "summarize_runs": "scoring", "EvalSet": "data", "Embedder": "embedder",
+    "EvalResult": "scoring", "hits_at_1": "scoring", "aggregate": "scoring", "summarize_runs": "scoring", "EvalSet": "data", "Embedder": ".model.embedder",
 }
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..records import EvalRecord, RecordError
+from ..errors import CocoaError
 
 
 @dataclass
@@ -108,7 +109,7 @@ def load_scenes(path: str | Path, datasets: Sequence[str] | None = None, limit: 
 def load_mmeb(mmeb_dir: str | Path, datasets: Sequence[str] | None = None, limit: int | None = None, *,
               image_dir: str | Path | None = None, on_bad_row: str = "raise") -> list[EvalSet]:
     """MMEB-eval datasets from a local copy of ``TIGER-Lab/MMEB-eval`` (one parquet config per dataset,
-    images in ``images.zip`` or an extracted folder), read by :func:`cocoa.datagen.sources.mmeb.iter_mmeb_eval`.
+    images in ``images.zip`` or an extracted folder), read by :func:`cocoa.sources.mmeb.iter_mmeb_eval`.
 
     Images are validated and hashed while loading but not kept in memory: only the ones that still need
     encoding are read again (from the zip) when their batch comes. A row with an unusable image or an
@@ -117,9 +118,9 @@ def load_mmeb(mmeb_dir: str | Path, datasets: Sequence[str] | None = None, limit
     """
     import warnings
 
-    from ..datagen.sources.mmeb import ImageSource, SourceReport, image_bytes_checked, iter_mmeb_eval
+    from ..sources.mmeb import ImageSource, SourceReport, image_bytes_checked, iter_mmeb_eval
     from ..records import ImageRef, digest
-    from .embedder import image_header_size
+    from ..model.embedder import image_header_size
 
     root = Path(mmeb_dir)
     if not root.is_dir():
@@ -141,7 +142,7 @@ def load_mmeb(mmeb_dir: str | Path, datasets: Sequence[str] | None = None, limit
         for rec in iter_mmeb_eval(root, datasets=list(datasets) if datasets else None, max_per_dataset=limit,
                                   image_dir=image_dir, on_error=on_bad_row, report=report, store=store):  # type: ignore[arg-type]
             by_name.setdefault(rec.dataset, []).append(rec)
-    except RecordError as e:
+    except CocoaError as e:
         if on_bad_row == "raise" and " row " in str(e):
             raise RecordError(f"{e}. Fix the row, or pass --on-bad-row skip to leave such rows out (they are counted "
                               "and shown in the reports)") from None
@@ -156,7 +157,7 @@ def load_mmeb(mmeb_dir: str | Path, datasets: Sequence[str] | None = None, limit
     def read_image(path: str) -> bytes:
         try:
             return image_bytes_checked(images.read(path), path)[0]
-        except RecordError:
+        except CocoaError:
             raise
         except Exception as e:  # the reader's skip signal: the image vanished or changed since loading
             raise RecordError(f"MMEB image {path!r} cannot be read any more from {images.describe()} "
@@ -186,7 +187,7 @@ def _check_images_present(root: Path, datasets: Sequence[str] | None, image_dir:
     ``--on-bad-row skip`` would drop every row). Cheap: the first rows of one parquet file per dataset."""
     if image_dir is not None or (root / "images.zip").exists() or (root / "eval_images").is_dir():
         return
-    from ..datagen.sources.mmeb import ImageSource
+    from ..sources.mmeb import ImageSource
 
     names = list(datasets) if datasets else sorted(
         d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and any(d.glob("**/*.parquet")))

@@ -37,12 +37,13 @@ from ..records import RecordError, digest
 from .cache import EmbeddingCache, default_cache_dir, input_key, model_fingerprint
 from .data import EvalSet
 from .scoring import EvalResult, aggregate, dataset_score, hits_at_1
+from ..errors import CocoaError
 
 
 REPORT_LOCK = ".cocoa-eval.lock"  # in the report directory, held while a run that writes its reports is going
 
 
-class EvalError(RecordError):
+class EvalError(CocoaError):
     """The evaluation cannot run as asked; the message says why and what to change."""
 
 
@@ -108,7 +109,7 @@ class _Inputs:
         self._img: dict[Any, tuple[str, tuple[int, int] | None]] = {}
 
     def image(self, ref: Any, s: EvalSet) -> tuple[str, tuple[int, int] | None]:
-        from .embedder import image_header_size
+        from ..model.embedder import image_header_size
 
         if ref.bytes is None and s.read_image is not None:
             known = s.image_info.get(ref.path)
@@ -127,7 +128,7 @@ class _Inputs:
         return hit
 
     def add(self, text: str, ref: Any, s: EvalSet) -> str:
-        from .embedder import LazyImage
+        from ..model.embedder import LazyImage
 
         if ref is None:
             key = input_key(text, None)
@@ -157,7 +158,7 @@ def _collect(sets: list[EvalSet]) -> tuple[_Inputs, list[tuple[list[str], list[l
                         raise RecordError(f"{what} is empty (no text and no image); fix or drop this record")
                     cs.append(inputs.add(t, im, s))
                 c_keys.append(cs)
-            except RecordError as e:
+            except CocoaError as e:
                 raise RecordError(f"{s.source or s.name}: record {r.id} ({s.name}): {e}") from None
         plan.append((q_keys, c_keys))
     return inputs, plan
@@ -203,14 +204,14 @@ def evaluate(model: str | Path | Any, benchmark: str = "scenes", *, data: str | 
              dtype: str = "auto", compare: str | Path | EvalResult | None = None, label: str = "", plot: bool = True,
              flush_every: int = 2048, write: bool = True, quiet: bool = False, console: Any = None,
              sets: list[EvalSet] | None = None) -> EvalResult:
-    """Evaluate a model (a directory, or a loaded :class:`~cocoa.eval.embedder.Embedder`) on a benchmark.
+    """Evaluate a model (a directory, or a loaded :class:`~cocoa.model.embedder.Embedder`) on a benchmark.
 
     Returns the :class:`EvalResult` (on every rank under torchrun). Unless ``write=False``, rank 0 writes
     ``results.json``/``results.md``/``results.png`` to ``out`` (default ``MODEL/eval-BENCHMARK``) and,
     unless ``quiet``, prints the table. ``sets`` evaluates given :class:`EvalSet` s instead of loading
     ``benchmark`` (the name is then only a label).
     """
-    from .embedder import Embedder, resolve_spec
+    from ..model.embedder import Embedder, resolve_spec
 
     t0 = time.time()
     rank, world, local_rank = _dist_env()
@@ -261,8 +262,8 @@ def _evaluate(*, t0: float, rank: int, world: int, local_rank: int, embedder: An
               cache_dir: str | Path | None, batch_size: int, pooling: str | None, eos_token: str | None, device: str,
               dtype: str, label: str, plot: bool, flush_every: int, write: bool, quiet: bool, console: Any,
               out_dir: Path) -> EvalResult:
-    from .. import __version__
-    from .embedder import Embedder, encode_progress, estimate_length
+    from .._version import __version__
+    from ..model.embedder import Embedder, encode_progress, estimate_length
 
     spec_dict = spec.model_dump(mode="json")
     root = (Path(cache_dir) if cache_dir else default_cache_dir()) if cache else None

@@ -26,7 +26,8 @@ import jinja2
 import jinja2.meta
 from jinja2.sandbox import SandboxedEnvironment
 
-from ..records import RecordError, digest
+from ..records import digest
+from ..errors import CocoaError
 
 BUILTIN_DIR = Path(__file__).parent
 TEMPLATE_SUFFIX = ".j2"
@@ -44,7 +45,7 @@ _DOC_HINTS = ("doc", "chart", "infograph", "table", "ocr", "screen", "slide", "p
 _PLACEHOLDER = re.compile(r"<\|image_\d+\|>")
 
 
-class PromptError(RecordError):
+class PromptError(CocoaError):
     """A template is missing, malformed, unsafe or refers to an unknown variable."""
 
 

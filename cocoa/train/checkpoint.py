@@ -26,14 +26,14 @@ from typing import Any
 
 import torch
 
-from ..records import RecordError
 from ..shards import atomic_write_json, fsync_dir
+from ..errors import CocoaError
 
 STATE = "state.json"
 PREFIX = "step-"
 
 
-class CheckpointError(RecordError):
+class CheckpointError(CocoaError):
     """A checkpoint cannot be used; the message says which and what to do."""
 
 

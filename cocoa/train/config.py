@@ -178,7 +178,7 @@ class TrainConfig(Config):
 # ---------------------------------------------------------------------------------------------------
 _TINY_STAGE = {"steps": 100, "batch_size": 16, "micro_batch_size": 16, "lr": 1e-4, "warmup_ratio": 0.1,
                "max_grad_norm": 1.0, "max_length": 256, "save_every": 50}
-# The tiny preset follows the CPU miniature in /work/shared/NOTES.md: full fine-tuning, stage 3 at lr 3e-4,
+# The tiny preset follows the CPU miniature (the project notes of 2026-11-26; docs/models.md): full fine-tuning, stage 3 at lr 3e-4,
 # tau 0.05, batch 64 (it learns; lr 1e-3 without clipping does not), and a gentle stage 2 (lr 3e-5 kept
 # more of the generative pre-training than 3e-4 before stage 3).
 PRESETS: dict[str, dict[str, Any]] = {

@@ -25,11 +25,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..records import RecordError, from_row
+from ..records import from_row
 from ..shards import ShardDataset
+from ..errors import CocoaError
 
 
-class DataError(RecordError):
+class DataError(CocoaError):
     """The training data cannot be used as it is; the message names the directory and the fix."""
 
 

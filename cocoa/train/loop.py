@@ -3,7 +3,7 @@
 For each selected stage k (in order) the loop
 
 1. loads the stage's input model -- stage k-1's saved ``OUT/stage{k-1}/model`` when that stage ran in
-   this run, else ``--model`` -- through :class:`cocoa.train.model.CocoaModel`;
+   this run, else ``--model`` -- through :class:`cocoa.model.wrapper.CocoaModel`;
 2. adds LoRA/DoRA adapters (peft) or trains every weight; wraps it in DDP / FSDP2 under torchrun;
 3. streams deterministic, length-grouped global batches from memory-mapped Arrow shards, each rank taking
    its slice, collated by the method's ``Stage1Collator`` / ``Stage2Collator`` / ``EmbedCollator``;
@@ -30,15 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..records import RecordError
 from .config import TrainConfig, resolve_preset
+from ..errors import CocoaError
 
 QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl")
 METRICS = "metrics.jsonl"
 TRUNCATION_WARN = 0.05  # warn when more than this share of a stage's samples is cut to --stageK-max-length
 
 
-class TrainError(RecordError):
+class TrainError(CocoaError):
     """The run cannot start or continue; the message says what is wrong and how to fix it."""
 
 
@@ -66,17 +66,17 @@ def default_model_dir(console: Any = None) -> tuple[str, str]:
     """The embedded default: the generatively pre-trained tiny model (built once, cached), else -- when
     pre-training is unavailable -- the random-init tiny model, with a clear note."""
     try:
-        from .pretrain import pretrained_tiny_dir
+        from ..tiny.pretrain import pretrained_tiny_dir
     except ImportError as e:
-        reason = f"cocoa.train.pretrain is unavailable ({e})"
+        reason = f"cocoa.tiny.pretrain is unavailable ({e})"
     else:
         try:
             return (str(pretrained_tiny_dir(console=console)),
                     "the embedded tiny Qwen2-VL, generatively pre-trained on scenes captions (cached; pass --model "
                     "for a real backbone)")
-        except RecordError as e:
+        except CocoaError as e:
             reason = f"pre-training the tiny model failed ({e})"
-    from .tiny import tiny_model_dir
+    from ..tiny.build import tiny_model_dir
 
     return (str(tiny_model_dir()),
             f"the embedded tiny Qwen2-VL at RANDOM init: {reason}; embeddings will be weak -- pass --model "
@@ -202,7 +202,7 @@ def check_model(model: str, config: TrainConfig) -> None:
     text_cfg = cfg.get("text_config") or cfg
     n_embed = int(text_cfg.get("vocab_size") or cfg.get("vocab_size") or 0)
     if mask in vocab and n_embed:
-        from .model import vocab_mismatch
+        from ..model.wrapper import vocab_mismatch
 
         msg = vocab_mismatch(len(tok), max(vocab.values()), n_embed, f"--model {model}")
         if msg:
@@ -320,7 +320,7 @@ def _is_cocoa_run(out: Path) -> bool:
         try:
             TrainConfig.from_yaml(prev)
             return True
-        except RecordError:
+        except CocoaError:
             return False
     return False
 
@@ -474,11 +474,11 @@ def plot_loss(out: Path, stage: int, dest: Path) -> Path | None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# the method, behind a thin adapter (cocoa.train.model / collate / objectives)
+# the method, behind a thin adapter (cocoa.model.wrapper / collate / objectives)
 # ---------------------------------------------------------------------------------------------------
 def _load_cocoa_model(path: str, config: TrainConfig, k: int, device: Any, dtype: Any) -> Any:
-    from .model import CocoaModel
-    from .spec import SPEC_FILE, EmbeddingSpec
+    from ..model.wrapper import CocoaModel
+    from ..model.spec import SPEC_FILE, EmbeddingSpec
 
     s = config.stage(k)
     impl = {"sdpa": "sdpa", "eager": "eager", "flex": "cocoa_flex"}[s.attention_backend]
@@ -529,7 +529,7 @@ def _set_pixels(processor: Any, lo: int | None, hi: int | None) -> None:
 
 
 def _make_collators(model: Any, config: TrainConfig, k: int, data_root: Path, seed: int) -> Any:
-    from .collate import EmbedCollator, Stage1Collator, Stage2Collator
+    from ..model.collate import EmbedCollator, Stage1Collator, Stage2Collator
 
     s = config.stage(k)
     if k == 1:
@@ -623,11 +623,11 @@ class StepBatches:
 
     def load(self, i: int) -> Any:
         """Record ``i`` with its images decoded (PIL), or :class:`BadRowError` naming the row."""
-        from .collate import load_image
+        from ..model.collate import load_image
 
         try:
             rec = self.records[i]
-        except RecordError as e:
+        except CocoaError as e:
             msg = f"stage {self.k}: {self._where(i)} is not a valid record ({e})"
             raise BadRowError(msg + _SKIP_HINT, msg) from None
         root = getattr(self.records, "root", None)
@@ -638,7 +638,7 @@ class StepBatches:
                 continue
             try:
                 upd[name] = load_image(ref, root)
-            except RecordError as e:
+            except CocoaError as e:
                 msg = f"stage {self.k}: {self._where(i)} (record {rec.id}, {name}): {e}"
                 raise BadRowError(msg + _SKIP_HINT, msg) from None
         return rec.model_copy(update=upd) if upd else rec
@@ -673,7 +673,7 @@ class StepBatches:
         # the worker's traceback in its message instead of one clean line.
         try:
             return self._item(j)
-        except RecordError as e:
+        except CocoaError as e:
             return {"error": str(e), "step": self.start + j // self.n_micro}
 
     def _item(self, j: int) -> dict[str, Any]:
@@ -755,7 +755,7 @@ def _run(plan: Plan, info: Any, console: Any) -> dict[str, Any]:
             check_out_dir(config)  # refuse a foreign directory before creating the lock file in it
             lock.enter_context(exclusive_lock(out))
             prepare_run_dir(config, True)
-        except RecordError as e:
+        except CocoaError as e:
             lock.close()
             err[0] = str(e)
     err = D.broadcast_object(err, info)
@@ -1047,7 +1047,7 @@ def _stage3_step(wrapped: Any, model: Any, groups: list[list[dict[str, Any]]], c
     import torch
 
     from . import distributed as D
-    from .objectives import gather_with_grad, grad_cache_step, info_nce
+    from ..model.objectives import gather_with_grad, grad_cache_step, info_nce
 
     s3 = config.stage3
     tok = slots = 0

@@ -1,7 +1,7 @@
 """Parameter-efficient fine-tuning through ``peft`` (LoRA / DoRA), merged into the base after each stage.
 
 :func:`apply_adapters` injects adapters *in place* into the Hugging Face model held by
-:class:`cocoa.train.model.CocoaModel` (``get_peft_model`` replaces the target ``nn.Linear`` modules of
+:class:`cocoa.model.wrapper.CocoaModel` (``get_peft_model`` replaces the target ``nn.Linear`` modules of
 that very object), so the wrapper keeps calling its model as before; the returned ``PeftModel`` is only
 used to merge (:func:`merge_adapters`, ``merge_and_unload``) before the stage's model is saved. Stage
 outputs are therefore always plain, merged Qwen2-VL checkpoints that transformers loads directly.

@@ -30,12 +30,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ...records import RecordError, TeacherInfo
+from ...records import TeacherInfo
+from ...errors import CocoaError
 
 ErrorKind = Literal["rejected", "unavailable"]
 
 
-class TeacherError(RecordError):
+class TeacherError(CocoaError):
     """A teacher cannot run at all (missing package, model, credentials); the message says what to do."""
 
 

@@ -70,7 +70,7 @@ class ScenesTeacher(Teacher):
         self.revision = revision
 
     def generate(self, requests: Sequence[TeacherRequest]) -> list[TeacherResult]:
-        from ..sources.scenes import Scene
+        from ...sources.scenes import Scene
 
         out = []
         for r in requests:

@@ -34,6 +34,7 @@ from pydantic import Field
 
 from ..config import Config
 from ..records import ImageRef, PairRecord, RecordError, canonical_json, digest
+from ..errors import CocoaError
 
 IMAGE_PLACEHOLDER = "<|image_1|>"
 PRETRAIN_VERSION = 3
@@ -216,7 +217,7 @@ def data_key(data: str | Path | None, config: PretrainConfig) -> str:
     """Identifies the training data for the cache without reading it: the shard checksums of the
     manifest, or (embedded default) the scenes generator's source and the number of pairs."""
     if data is None:
-        from ..datagen.sources import scenes
+        from ..sources import scenes
 
         return digest(canonical_json(["scenes", config.scenes_train, 0, digest(Path(scenes.__file__).read_bytes())]))
     from ..shards import read_manifest
@@ -233,7 +234,7 @@ def data_key(data: str | Path | None, config: PretrainConfig) -> str:
 def load_records(data: str | Path | None, config: PretrainConfig) -> tuple[list[PairRecord], Path | None]:
     """(records, image root): the PairRecords to pre-train on."""
     if data is None:
-        from ..datagen.sources import scenes
+        from ..sources import scenes
 
         return list(scenes.iter_train_pairs(config.scenes_train, seed=0)), None
     from ..shards import open_dataset
@@ -267,7 +268,7 @@ class _Batcher:
         for ex in examples:
             try:
                 images.append(ex.image.load(self.image_root))
-            except RecordError as e:
+            except CocoaError as e:
                 raise RecordError(f"record {ex.record_id}: {e}") from None
         pairs = [self.texts(ex) for ex in examples]
         batch = self.processor(text=[p + r for p, r in pairs], images=images, return_tensors="pt",
@@ -313,8 +314,8 @@ def pretrain(config: PretrainConfig, out_dir: str | Path, *, records: list[PairR
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor, get_cosine_schedule_with_warmup
 
-    from .spec import EmbeddingSpec
-    from .tiny import tiny_model_dir
+    from ..model.spec import EmbeddingSpec
+    from .build import tiny_model_dir
 
     out = Path(out_dir)
     from ..fs import has_content
@@ -451,7 +452,7 @@ def pretrain(config: PretrainConfig, out_dir: str | Path, *, records: list[PairR
 
 def _align(model, processor, kept: list[Example], image_root: Path | None, config: PretrainConfig,  # type: ignore[no-untyped-def]
            on_step) -> dict[str, Any]:
-    """Contrastive alignment of the vision tower (:mod:`cocoa.train.vision_align`) on the image -> text
+    """Contrastive alignment of the vision tower (:mod:`cocoa.tiny.vision_align`) on the image -> text
     examples (captions, text positives), scored on held-out scenes captions."""
     from .vision_align import ALIGN_KINDS, align_vision
 
@@ -504,7 +505,7 @@ def response_loss(model, batch: dict[str, Any]):  # type: ignore[no-untyped-def]
 def heldout_examples(n_scenes: int = 96, seed: int = 7) -> list[Example]:
     """Held-out scenes examples (a generator seed the default training data never uses): the text-positive
     answers and the detailed captions, for :func:`image_gap`."""
-    from ..datagen.sources import scenes
+    from ..sources import scenes
 
     return [ex for rec in scenes.iter_train_pairs(n_scenes, seed=seed) for ex in examples_from_record(rec)
             if ex.kind in ("pair", "caption", "objects")]
@@ -552,7 +553,7 @@ def _image_size(ref: ImageRef, root: Path | None) -> tuple[int, int]:
     try:
         with Image.open(io.BytesIO(ref.read_bytes(root))) as im:
             return im.size
-    except RecordError:
+    except CocoaError:
         raise
     except Exception as e:
         raise RecordError(f"image {ref.path or '<embedded>'} cannot be read ({type(e).__name__}: {e})") from None
@@ -589,7 +590,7 @@ def pretrained_tiny_dir(data_dir: str | Path | None = None, steps: int = DEFAULT
 
     ``data_dir=None`` pre-trains on scenes training pairs generated in memory (the embedded default).
     Other keyword arguments are :class:`PretrainConfig` fields (``batch_size``, ``lr``, ``base``...)."""
-    from .tiny import cache_root, cached_build, settings_key
+    from .build import cache_root, cached_build, settings_key
 
     config = PretrainConfig.build({"data": str(data_dir) if data_dir is not None else None, "steps": steps,
                                    "seed": seed, **settings})

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .objectives import info_nce
+from ..model.objectives import info_nce
 
 ALIGN_KINDS = ("caption", "pair")  # image -> text examples whose text describes the image
 

@@ -5,8 +5,8 @@
     e = emb.encode(texts=["a red cube left of a blue ball"], images=[pil_image],
                    instruction="Represent the given image with the caption")   # [1, D], unit norm
 
-Inputs go through the same :class:`cocoa.train.collate.EmbedCollator` and
-:meth:`cocoa.train.model.CocoaModel.embed` as training (EOS appended, pooled and normalised as
+Inputs go through the same :class:`cocoa.model.collate.EmbedCollator` and
+:meth:`cocoa.model.wrapper.CocoaModel.embed` as training (EOS appended, pooled and normalised as
 ``cocoa.json`` says). Batches are formed from inputs of similar length (fewer pad tokens); results come
 back in input order. The evaluator (:func:`cocoa.eval.evaluate`) encodes through this class.
 """
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..records import ImageRef, RecordError
-from ..train.spec import SPEC_FILE, EmbeddingSpec
+from .spec import SPEC_FILE, EmbeddingSpec
 
 PATCH_PIXELS = 28 * 28  # Qwen2-VL: one LLM token per 2x2 merged 14-px patches
 
@@ -165,8 +165,8 @@ class Embedder:
         Without ``cocoa.json`` pass ``pooling`` (``eos``/``last``/``mean``) and, for EOS pooling, the
         ``eos_token`` the model was trained with.
         """
-        from ..train.collate import EmbedCollator
-        from ..train.model import CocoaModel
+        from .collate import EmbedCollator
+        from .wrapper import CocoaModel
 
         spec = resolve_spec(model_dir, pooling, eos_token)
         dev = _pick_device(device)

@@ -4,12 +4,12 @@ No modeling file is forked. The wrapper
 
 1. computes M-RoPE ``position_ids`` itself with ``model.model.get_rope_index`` from the 2-D padding mask
    (keyword arguments filtered by signature: transformers 5.24 wants ``mm_token_type_ids``, 5.17 does not),
-2. builds the stage's 4-D mask (:mod:`cocoa.train.masks`) in the form the attention implementation takes
+2. builds the stage's 4-D mask (:mod:`cocoa.model.masks`) in the form the attention implementation takes
    (``sdpa``: bool, True = attend; ``eager``: additive float; ``cocoa_flex``: a FlexAttention ``BlockMask``),
 3. runs the inner ``Qwen2VLModel`` with ``position_ids`` + the 4-D mask (a 4-D mask is used as-is by
    transformers' mask preparation) and returns the last hidden states.
 
-Batches are the dicts produced by :mod:`cocoa.train.collate`.
+Batches are the dicts produced by :mod:`cocoa.model.collate`.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from .objectives import (
     shifted_positions,
 )
 from .spec import SPEC_FILE, EmbeddingSpec
+from ..errors import CocoaError
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def ensure_mask_token(tokenizer: Any, model: Any, mask_token: str = "<|mask|>") 
     return tid
 
 
-class VocabMismatchError(RecordError):
+class VocabMismatchError(CocoaError):
     """The tokenizer can produce token ids the model's embedding table does not have."""
 
 
@@ -141,7 +142,7 @@ class CocoaModel(nn.Module):
 
         ``spec`` defaults to ``path/cocoa.json`` if present, else a fresh spec for the architecture.
         ``attn_implementation``: ``sdpa`` (default), ``eager``, or ``cocoa_flex`` (FlexAttention via
-        :mod:`cocoa.train.flex`). Other keyword arguments go to HF ``from_pretrained`` (e.g. ``dtype``).
+        :mod:`cocoa.model.flex`). Other keyword arguments go to HF ``from_pretrained`` (e.g. ``dtype``).
         """
         from transformers import AutoConfig, AutoProcessor
 

@@ -8,7 +8,7 @@
   (the first B token from EOS) under the collaborative mask.
 * :func:`info_nce` (+ :func:`gather_with_grad`) and :func:`grad_cache_step` — stage 3.
 
-Label convention (shared with :mod:`cocoa.train.collate`): ``labels[b, i]`` holds the original token
+Label convention (shared with :mod:`cocoa.model.collate`): ``labels[b, i]`` holds the original token
 id at a masked position ``i`` and ``-100`` elsewhere; the prediction for ``labels[b, i]`` is read from
 the hidden state at ``i - 1``.
 """

@@ -17,7 +17,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from .scenes import Scene, crop_object, render_scene, sample_scene
+from ..sources.scenes import Scene, crop_object, render_scene, sample_scene
 
 IMG = "<|image_1|>"
 DEFAULT_TRAIN_SUBSETS = ("ImageNet_1K", "OK-VQA", "MSCOCO_t2i", "MSCOCO")
@@ -116,7 +116,7 @@ def write_mmeb_train_fixture(
 
 def _eval_rows(name: str, meta_task: str, n: int, n_cand: int, rng: random.Random, size: int,
                members: dict[str, bytes]) -> list[dict[str, Any]]:
-    from .scenes import ALL_LABELS
+    from ..sources.scenes import ALL_LABELS
 
     rows = []
     pool = [_scene(rng) for _ in range(n + n_cand)]
@@ -171,12 +171,12 @@ def write_mmeb_eval_fixture(
     """A small MMEB-eval snapshot under ``root`` for the given MMEB-V1 dataset names; returns ``root``."""
     import pyarrow as pa
 
-    from .mmeb import mmeb_v1_by_name
+    from ..sources.mmeb import mmeb_v1_by_name
 
     table = mmeb_v1_by_name()
     unknown = [d for d in datasets if d not in table]
     if unknown:
-        from .mmeb import MMEBError
+        from ..sources.mmeb import MMEBError
 
         raise MMEBError(f"unknown MMEB-V1 dataset(s) {unknown}; known: {', '.join(table)}")
     root = Path(root)

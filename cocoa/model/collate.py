@@ -35,9 +35,10 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from ..records import ImageRef, RecordError
+from ..records import ImageRef
 from .objectives import IGNORE, mask_image_units, mask_text_tokens
 from .spec import EmbeddingSpec
+from ..errors import CocoaError
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ BATCH_KEYS = (
 )
 
 
-class CollateError(RecordError):
+class CollateError(CocoaError):
     """A sample or setting the collator cannot turn into model inputs (message says what to change)."""
 
 

@@ -42,19 +42,19 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from ...records import (
+from ..records import (
     MAX_IMAGE_PIXELS,
     EvalRecord,
     ImageRef,
     PairRecord,
     QuarantineRecord,
-    RecordError,
     _check_relpath,
     _pydantic_msg,
     canonical_json,
     decode_image,
     digest,
 )
+from ..errors import CocoaError
 
 TRAIN_REPO = "TIGER-Lab/MMEB-train"
 EVAL_REPO = "TIGER-Lab/MMEB-eval"
@@ -77,7 +77,7 @@ EVAL_LAYOUT = (
 )
 
 
-class MMEBError(RecordError):
+class MMEBError(CocoaError):
     """An MMEB source cannot be read as given; the message names the file and the expected layout."""
 
 
@@ -176,7 +176,7 @@ def image_bytes_checked(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXE
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             rgb = decode_image(data, name=name, max_pixels=max_pixels)
-    except RecordError as e:
+    except CocoaError as e:
         raise _Skip("corrupt_image", str(e)) from None
     if mode == "RGB" and fmt in ("JPEG", "PNG"):
         return data, False
@@ -239,7 +239,7 @@ class ImageSource:
             for n in names:
                 try:
                     f = ImageRef(path=n).resolve(d)
-                except (RecordError, ValueError) as e:
+                except (CocoaError, ValueError) as e:
                     raise _Skip("unsafe_path", str(e)) from None
                 if f.is_file():
                     return f.read_bytes()
@@ -679,7 +679,7 @@ def _eval_record(row: dict[str, Any], info: MMEBDataset, images: ImageSource, ca
 # materialising as cocoa shards
 # ---------------------------------------------------------------------------------------------
 def _write_quarantine(path: Path, report: SourceReport, overwrite: bool) -> None:
-    from ...shards import write_records
+    from ..shards import write_records
 
     write_records(path, "QuarantineRecord", report.quarantine, overwrite=overwrite)
 
@@ -690,7 +690,7 @@ def write_mmeb_train(
 ) -> dict[str, Any]:
     """MMEB-train -> PairRecord shards at ``out`` (images embedded) and the skipped rows as
     QuarantineRecord shards at ``out/quarantine``. Returns the report summary (also in the manifest)."""
-    from ...shards import ShardWriter
+    from ..shards import ShardWriter
 
     report = SourceReport()
     out = Path(out)
@@ -733,7 +733,7 @@ def write_mmeb_eval(
     """MMEB-eval -> one EvalRecord dataset per MMEB dataset under ``out_root/<Dataset>/`` (images in
     its content-addressed ``images/`` folder, referenced by relative path, like the scenes eval sets),
     skipped rows in ``out_root/quarantine``. Returns the report summary."""
-    from ...shards import ShardWriter
+    from ..shards import ShardWriter
 
     out_root = Path(out_root)
     report = SourceReport()

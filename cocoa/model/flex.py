@@ -3,7 +3,7 @@
 transformers refuses ``attn_implementation="flex_attention"`` for Qwen2-VL, so cocoa registers its own
 attention function under :data:`FLEX_IMPL` (``"cocoa_flex"``). It runs
 ``torch.nn.attention.flex_attention`` when the layer receives a ``BlockMask`` (built by
-:func:`cocoa.train.masks.block_mask`; a 4-D ``BlockMask`` passes through transformers' mask preparation
+:func:`cocoa.model.masks.block_mask`; a 4-D ``BlockMask`` passes through transformers' mask preparation
 unchanged) and falls back to SDPA otherwise (the vision tower, which calls the same interface with no
 mask). ``torch.nn.attention.flex_attention`` is imported lazily.
 """

@@ -8,7 +8,7 @@
 It holds ``config.json`` + ``model.safetensors`` (random init from ``seed``), a byte-level BPE tokenizer
 trained locally and deterministically on a built-in corpus (the scenes vocabulary plus English function
 words, with Qwen2-VL's special tokens and ``<|mask|>``), a ``Qwen2VLProcessor`` with small
-min/max pixels, and ``cocoa.json`` (:class:`cocoa.train.spec.EmbeddingSpec`).
+min/max pixels, and ``cocoa.json`` (:class:`cocoa.model.spec.EmbeddingSpec`).
 
 :func:`tiny_model_dir` builds the same once and caches it under ``$COCOA_CACHE`` (default
 ``~/.cache/cocoa``), keyed by a hash of the builder settings.
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..records import RecordError, canonical_json, digest
-from .spec import EmbeddingSpec
+from ..model.spec import EmbeddingSpec
 
 Arch = Literal["qwen2-vl", "qwen2.5-vl"]
 ARCHS: tuple[str, ...] = ("qwen2-vl", "qwen2.5-vl")

@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ...fs import NotOwnedError, exclusive_lock, has_content, is_owned, mark_owned, remove_owned_tree
-from ...records import EvalRecord, ImageRef, PairRecord, RecordError, digest
+from ..fs import NotOwnedError, exclusive_lock, has_content, is_owned, mark_owned, remove_owned_tree
+from ..records import EvalRecord, ImageRef, PairRecord, RecordError, digest
 
 # ---------------------------------------------------------------------------------------------
 # vocabulary
@@ -929,7 +929,7 @@ def build_benchmark(
 
 def _build(root: Path, names: list[str], n_train: int, eval_per_task: int, n_distractors: int, seed: int,
            image_size: int, progress: Progress | None, shard_rows: int) -> dict[str, Any]:
-    from ...shards import ShardWriter, atomic_write_json
+    from ..shards import ShardWriter, atomic_write_json
 
     (root / "eval").mkdir(parents=True, exist_ok=True)
     prog = progress or (lambda stage, done, total: None)
@@ -1051,7 +1051,7 @@ def contact_sheet(seed: int = 0, n: int = 24, image_size: int = 112, cols: int =
 
 
 def write_contact_sheet(path: str | Path, seed: int = 0, n: int = 24, image_size: int = 112) -> Path:
-    from ...shards import atomic_write_bytes
+    from ..shards import atomic_write_bytes
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1067,7 +1067,7 @@ def load_eval_hf(dataset_dir: str | Path):  # type: ignore[no-untyped-def]
     the current directory, as ``datasets.Image`` does for any relative path.)"""
     import datasets
 
-    from ...shards import open_dataset
+    from ..shards import open_dataset
 
     dataset_dir = Path(dataset_dir).resolve()
     ds = open_dataset(dataset_dir).to_hf()

@@ -1,1 +1,0 @@
-"""cocoa.datagen.sources."""
