@@ -108,3 +108,12 @@ def test_image_header_size_reads_headers_and_returns_none_for_non_images():
     assert image_header_size(buf.getvalue()) == (37, 21)
     assert image_header_size(b"not an image") is None
     assert image_header_size(b"") is None
+
+
+def test_save_then_from_pretrained_gives_the_same_embeddings(embedder, tmp_path):
+    from cocoa import Embedder
+
+    out = embedder.save(tmp_path / "copy")
+    again = Embedder.from_pretrained(out, device="cpu")
+    assert again.spec == embedder.spec
+    np.testing.assert_allclose(again.encode(texts=TEXTS), embedder.encode(texts=TEXTS), atol=1e-5)

@@ -3,7 +3,6 @@ included), the rich console."""
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import click
@@ -70,8 +69,3 @@ def console():  # type: ignore[no-untyped-def]
 
     # soft_wrap: a line longer than the terminal (or than 80 columns in a log file) stays one line
     return Console(stderr=False, highlight=False, soft_wrap=True)
-
-
-def not_implemented(what: str) -> None:
-    click.echo(f"`{what}` is not implemented yet.", err=True)
-    sys.exit(2)

@@ -176,6 +176,10 @@ class Embedder:
         collator = EmbedCollator(model.processor, model.spec)
         return cls(model, collator, model.spec, model_dir=model_dir, device=dev)
 
+    def save(self, out_dir: str | Path) -> Path:
+        """Write the model as :meth:`from_pretrained` reads it (HF weights, processor, ``cocoa.json``)."""
+        return self.model.save_pretrained(out_dir)
+
     # -- length estimate (for sorting into batches of similar length) ---------------------------
     def estimate_length(self, text: str, image: Any) -> int:
         return estimate_length(self.spec, text, image)
