@@ -284,36 +284,18 @@ class Embedder:
 
 
 class encode_progress:
-    """A rich progress bar (count, rate, elapsed, ETA) as a context manager yielding ``advance(n)``."""
+    """A progress bar over inputs encoded (count, rate, elapsed, ETA) as a context manager yielding ``advance(n)``."""
 
     def __init__(self, total: int, description: str = "encoding", console: Any = None, disable: bool = False) -> None:
-        self.total, self.description, self.console, self.disable = total, description, console, disable
+        from ..progress import counting
+
+        self._c = counting(total, description, unit="inputs", console=console, disable=disable)
 
     def __enter__(self) -> Callable[[int], None]:
-        from rich.progress import (BarColumn, MofNCompleteColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
-
-        from ..progress import Progress  # a live bar on a terminal, plain periodic lines in logs and pipes
-
-        class _Rate(TextColumn):
-            def __init__(self) -> None:
-                super().__init__("")
-
-            def render(self, task):  # type: ignore[no-untyped-def]
-                from rich.text import Text
-
-                speed = task.finished_speed or task.speed
-                return Text("?/s" if speed is None else f"{speed:.1f} inputs/s", style="progress.data.speed")
-
-        self._p = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                           TaskProgressColumn(), _Rate(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                           console=self.console, disable=self.disable, transient=False)
-        self._p.__enter__()
-        self._task = self._p.add_task(self.description, total=self.total)
-        return lambda k: self._p.advance(self._task, k)
+        return self._c.__enter__()
 
     def __exit__(self, *exc: Any) -> None:
-        self._p.__exit__(*exc)
+        self._c.__exit__(*exc)
 
 
 def image_header_size(data: bytes) -> tuple[int, int] | None:
