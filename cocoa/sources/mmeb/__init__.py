@@ -42,7 +42,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from ..records import (
+from ...records import (
     MAX_IMAGE_PIXELS,
     EvalRecord,
     ImageRef,
@@ -54,7 +54,7 @@ from ..records import (
     decode_image,
     digest,
 )
-from ..errors import CocoaError
+from ...errors import CocoaError
 
 TRAIN_REPO = "TIGER-Lab/MMEB-train"
 EVAL_REPO = "TIGER-Lab/MMEB-eval"
@@ -679,7 +679,7 @@ def _eval_record(row: dict[str, Any], info: MMEBDataset, images: ImageSource, ca
 # materialising as cocoa shards
 # ---------------------------------------------------------------------------------------------
 def _write_quarantine(path: Path, report: SourceReport, overwrite: bool) -> None:
-    from ..shards import write_records
+    from ...shards import write_records
 
     write_records(path, "QuarantineRecord", report.quarantine, overwrite=overwrite)
 
@@ -690,7 +690,7 @@ def write_mmeb_train(
 ) -> dict[str, Any]:
     """MMEB-train -> PairRecord shards at ``out`` (images embedded) and the skipped rows as
     QuarantineRecord shards at ``out/quarantine``. Returns the report summary (also in the manifest)."""
-    from ..shards import ShardWriter
+    from ...shards import ShardWriter
 
     report = SourceReport()
     out = Path(out)
@@ -733,7 +733,7 @@ def write_mmeb_eval(
     """MMEB-eval -> one EvalRecord dataset per MMEB dataset under ``out_root/<Dataset>/`` (images in
     its content-addressed ``images/`` folder, referenced by relative path, like the scenes eval sets),
     skipped rows in ``out_root/quarantine``. Returns the report summary."""
-    from ..shards import ShardWriter
+    from ...shards import ShardWriter
 
     out_root = Path(out_root)
     report = SourceReport()
