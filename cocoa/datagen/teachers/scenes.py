@@ -7,7 +7,8 @@ or as ``k`` question-answer pairs, in the same JSON the model backends must prod
 goes through the same validation). It needs no model, so the embedded default pipeline runs anywhere.
 
 For a grounding pair's positive image (a crop around one object, ``meta["target"]``) the text is about
-that object only.
+that object only. Objects and positions are phrased by :mod:`cocoa.sources.scenes.english` with its
+``TEACHER`` wording (thirds at 0.36 / 0.64, "in the centre", "with the character 'K' printed on it").
 """
 
 from __future__ import annotations
@@ -18,44 +19,16 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from ...sources.scenes.english import TEACHER, article, count_phrase, join, object_phrase, where
 from .base import Teacher, TeacherRequest, TeacherResult
-
-NUMBER_WORDS = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-
-
-def _plural(noun: str, n: int) -> str:
-    return noun if n == 1 else noun + "s"
-
-
-def _count_phrase(n: int, noun: str) -> str:
-    return f"{NUMBER_WORDS[n] if n < len(NUMBER_WORDS) else n} {_plural(noun, n)}"
-
-
-def _article(phrase: str) -> str:
-    return ("an " if phrase[:1] in "aeiou" else "a ") + phrase
-
-
-def _join(items: list[str]) -> str:
-    if len(items) <= 1:
-        return "".join(items)
-    return ", ".join(items[:-1]) + " and " + items[-1]
-
-
-def _where(o: Any) -> str:
-    h = "left" if o.x < 0.36 else "right" if o.x > 0.64 else "centre"
-    v = "top" if o.y < 0.36 else "bottom" if o.y > 0.64 else "middle"
-    if h == "centre" and v == "middle":
-        return "in the centre"
-    if h == "centre":
-        return f"at the {v}"
-    if v == "middle":
-        return f"on the {h}"
-    return f"at the {v} {h}"
 
 
 def _obj_phrase(o: Any) -> str:
-    s = f"{o.size} {o.material} {o.color} {o.shape}"
-    return s + (f" with the character '{o.text}' printed on it" if o.text else "")
+    return object_phrase(o.size, o.material, o.color, o.shape, o.text, TEACHER)
+
+
+def _where(o: Any) -> str:
+    return where(o.x, o.y, TEACHER)
 
 
 class ScenesTeacher(Teacher):
@@ -103,21 +76,21 @@ def caption(scene: Any, rng: random.Random, focus: int | None = None) -> str:
     objs = scene.objects
     if focus is not None and 0 <= focus < len(objs):
         o = objs[focus]
-        s = f"A close-up crop of {_article(_obj_phrase(o))}"
+        s = f"A close-up crop of {article(_obj_phrase(o))}"
         others = [p for i, p in enumerate(objs) if i != focus and scene.relation(focus, i)["overlapping"]]
         if others:
-            s += ", partly overlapping " + _join([_article(f"{p.color} {p.shape}") for p in others])
+            s += ", partly overlapping " + join([article(f"{p.color} {p.shape}") for p in others])
         return s + "."
     labels = Counter(f"{o.color} {o.shape}" for o in objs)
-    parts = [_count_phrase(n, lab) for lab, n in sorted(labels.items(), key=lambda kv: (-kv[1], kv[0]))]
+    parts = [count_phrase(n, lab) for lab, n in sorted(labels.items(), key=lambda kv: (-kv[1], kv[0]))]
     opening = rng.choice([
         "The scene shows {n}: {parts}.",
         "There are {n} in this picture: {parts}.",
         "A rendered scene with {n}: {parts}.",
     ])
-    sentences = [opening.format(n=_count_phrase(len(objs), "object"), parts=_join(parts))]
+    sentences = [opening.format(n=count_phrase(len(objs), "object"), parts=join(parts))]
     for o in objs:
-        sentences.append(f"{_article(_obj_phrase(o))[0].upper()}{_article(_obj_phrase(o))[1:]} is {_where(o)}.")
+        sentences.append(f"{article(_obj_phrase(o))[0].upper()}{article(_obj_phrase(o))[1:]} is {_where(o)}.")
     rels = []
     for rel in scene.relations():
         if rel["relation"] in ("left of", "above", "overlapping"):
@@ -127,7 +100,7 @@ def caption(scene: Any, rng: random.Random, focus: int | None = None) -> str:
                 rels.append(f"the {a} {word} the {b}")
     rng.shuffle(rels)
     if rels:
-        r = _join(rels[:3])
+        r = join(rels[:3])
         sentences.append(r[0].upper() + r[1:] + ".")
     return " ".join(sentences)
 
