@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from cocoa.cli.data import cli
 from cocoa.curation.config import CurationConfig
 from cocoa.testing.curation import caption, noise_image, noise_png, pair, qa, unique_sentence
-from cocoa.curation.pipeline import RULES, _quarantine_row, run_curation, synth_payload
+from cocoa.curation.pipeline import RULES, run_curation
+from cocoa.curation.rejected import _quarantine_row, synth_payload
 from cocoa.records import EvalRecord, ImageRef, QuarantineRecord, payload_json, to_row
 from cocoa.shards import Workspace, open_dataset, write_records
 

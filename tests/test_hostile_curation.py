@@ -207,7 +207,7 @@ def _write_with_bad_rows(ws: Workspace) -> tuple[list[dict], dict[str, dict]]:
 
 
 def test_record_problems_agrees_with_the_record_model(tmp_path):
-    from cocoa.curation.pipeline import record_problems
+    from cocoa.curation.rules.validity import record_problems
 
     ws = Workspace(tmp_path / "ws")
     good, bad = _write_with_bad_rows(ws)

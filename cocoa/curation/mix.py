@@ -215,7 +215,7 @@ def _excluded_originals(ws: Workspace) -> set[str]:
 
 
 def _checksum(path: Path) -> dict[str, Any]:
-    from .pipeline import dataset_checksum
+    from .inputs import dataset_checksum
 
     return dataset_checksum(path)
 
@@ -252,7 +252,8 @@ def _curated_empty_hint(ws: Workspace) -> str:
 def _run_mix(ws: Workspace, a: float, b: float, stratify: bool, upsample: bool, seed: int, show_progress: bool,
              console: Any) -> dict[str, Any]:
     from .output import check_replaceable, staged_output
-    from .pipeline import make_progress, open_checked
+    from .inputs import open_checked
+    from .pipeline import make_progress
 
     orig = cur = None
     if a > 0:
@@ -301,7 +302,7 @@ def _run_mix(ws: Workspace, a: float, b: float, stratify: bool, upsample: bool, 
     s_table = cur.table() if cur is not None else None
     entries: list[tuple[int, MixRecord]] = []
     from ..records import from_row
-    from .pipeline import pa_indices
+    from .inputs import pa_indices
 
     progress = make_progress(console, show_progress)
     with progress:
