@@ -135,7 +135,6 @@ class Scene:
         return frozenset(o.label for o in self.objects)
 
 
-
 def keyed_rng(*parts: Any) -> random.Random:
     """A random stream keyed by its parts (stable across Python runs and platforms)."""
     return random.Random(int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big"))
