@@ -47,10 +47,10 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from ..config import Config, ConfigError
-from ..fs import exclusive_lock, has_content, is_locked, mark_owned, remove_owned_tree
-from ..prompts import PromptLibrary, Template, clean_text, image_kind
-from ..records import (
+from ...config import Config, ConfigError
+from ...fs import exclusive_lock, has_content, is_locked, mark_owned, remove_owned_tree
+from ...prompts import PromptLibrary, Template, clean_text, image_kind
+from ...records import (
     ImageRef,
     PairRecord,
     QuarantineRecord,
@@ -62,7 +62,7 @@ from ..records import (
     decode_image,
     digest,
 )
-from ..shards import (
+from ...shards import (
     MANIFEST,
     Manifest,
     ShardDataset,
@@ -75,9 +75,9 @@ from ..shards import (
     open_dataset,
     read_manifest,
 )
-from .schemas import TASKS, OutputError, json_schema, parse_output, schema_hash
-from .teachers.base import Sampling, Teacher, TeacherError, TeacherRequest, TeacherResult, checked_result, text_problem
-from ..errors import CocoaError
+from ..schemas import TASKS, OutputError, json_schema, parse_output, schema_hash
+from ..teachers.base import Sampling, Teacher, TeacherError, TeacherRequest, TeacherResult, checked_result, text_problem
+from ...errors import CocoaError
 
 KEY_VERSION = "cocoa-synth/1"
 WRITER = "cocoa-data synth"
@@ -383,7 +383,7 @@ def open_source(config: SynthConfig, ws: Workspace) -> Source:
             return _dataset_source("scenes", path, ws, config.limit)
         if is_dataset(ws.original) and read_manifest(ws.original).provenance.get("writer") != WRITER:
             return _dataset_source("scenes", ws.original, ws, config.limit)
-        from ..sources.scenes import iter_train_pairs
+        from ...sources.scenes import iter_train_pairs
 
         n = config.scenes_n if config.limit is None else min(config.scenes_n, config.limit)
         return Source("scenes", iter_train_pairs(n, seed=config.scenes_seed), n, None, True,
@@ -392,7 +392,7 @@ def open_source(config: SynthConfig, ws: Workspace) -> Source:
 
 
 def _mmeb_source(config: SynthConfig) -> Source:
-    from ..sources import mmeb
+    from ...sources import mmeb
 
     report = mmeb.SourceReport()
     src: str | Path = config.mmeb_dir or mmeb.TRAIN_REPO
@@ -797,7 +797,7 @@ class Synthesizer:
     @property
     def teacher(self) -> Teacher:
         if self._teacher is None:
-            from .teachers import build_teacher
+            from ..teachers import build_teacher
 
             self._teacher = build_teacher(self.config)
         return self._teacher
@@ -1018,7 +1018,7 @@ class Synthesizer:
             TimeRemainingColumn,
         )
 
-        from ..progress import Progress  # a live bar on a terminal, plain periodic lines in logs and pipes
+        from ...progress import Progress  # a live bar on a terminal, plain periodic lines in logs and pipes
 
         self._t_start = time.time()
         prog = Progress(
