@@ -31,6 +31,7 @@ import xxhash
 from ..records import ImageRef, MixRecord, PairRecord, RecordError, SynthRecord, canonical_json
 from ..shards import ShardWriter, Workspace, atomic_write_json, atomic_write_text, open_dataset
 from ..errors import CocoaError
+from .inputs import dataset_checksum, open_checked, pa_indices
 
 CAPTION_PROMPT = "Describe the image in detail."
 
@@ -214,12 +215,6 @@ def _excluded_originals(ws: Workspace) -> set[str]:
     return set(df["record_id"].to_list())
 
 
-def _checksum(path: Path) -> dict[str, Any]:
-    from .inputs import dataset_checksum
-
-    return dataset_checksum(path)
-
-
 def run_mix(data: str | Path = "shards", ratio: str = "1:1", stratify: bool = True, upsample: bool = False,
             seed: int = 0, show_progress: bool = True, console: Any = None) -> dict[str, Any]:
     """Write ``DATA/mix`` and its dataset card; returns the card's numbers.
@@ -252,7 +247,6 @@ def _curated_empty_hint(ws: Workspace) -> str:
 def _run_mix(ws: Workspace, a: float, b: float, stratify: bool, upsample: bool, seed: int, show_progress: bool,
              console: Any) -> dict[str, Any]:
     from .output import check_replaceable, staged_output
-    from .inputs import open_checked
     from .pipeline import make_progress
 
     orig = cur = None
@@ -302,7 +296,6 @@ def _run_mix(ws: Workspace, a: float, b: float, stratify: bool, upsample: bool, 
     s_table = cur.table() if cur is not None else None
     entries: list[tuple[int, MixRecord]] = []
     from ..records import from_row
-    from .inputs import pa_indices
 
     progress = make_progress(console, show_progress)
     with progress:
@@ -350,7 +343,7 @@ def _run_mix(ws: Workspace, a: float, b: float, stratify: bool, upsample: bool, 
         "stratify": stratify,
         "upsample": upsample,
         "seed": seed,
-        "inputs": {name: _checksum(d.path) for name, d in (("original", orig), ("curated", cur)) if d is not None},
+        "inputs": {name: dataset_checksum(d.path) for name, d in (("original", orig), ("curated", cur)) if d is not None},
         "curation_config": cur.manifest.provenance.get("config") if cur is not None else None,
     }
     prov = {"stage": "mix", **{k: card[k] for k in ("ratio_requested", "seed", "stratify", "upsample", "inputs")}}
