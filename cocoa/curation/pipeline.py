@@ -2,9 +2,9 @@
 
 The pipeline is a list of small named steps (:data:`STEPS`, :mod:`cocoa.curation.rules`, one module per rule
 family) over one Polars frame with a row per synthetic record (:mod:`cocoa.curation.frame`), applied in
-order by :func:`cocoa.curation.steps.apply_steps`. Per-row rules are Polars expressions applied lazily; rules that compare rows
-(exact and near duplicates, image near-duplicates, decontamination) see only the rows still alive
-after the rules before them. The first rule that fails names the row's ``reason``; every dropped row
+order by :func:`cocoa.curation.steps.apply_steps`. Per-row rules are Polars expressions applied lazily;
+rules that compare rows (exact and near duplicates, image near-duplicates, decontamination) see only the
+rows still alive after the rules before them. The first rule that fails names the row's ``reason``; every dropped row
 is written to ``curated/rejected/`` as a ``QuarantineRecord(stage="curate", reason=<rule>)``
 (:mod:`cocoa.curation.rejected`); ``curated/report.json`` counts them (:mod:`cocoa.curation.report`).
 

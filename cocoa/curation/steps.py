@@ -44,10 +44,6 @@ def _pl():  # type: ignore[no-untyped-def]
     return pl
 
 
-def _kind(k: str):  # type: ignore[no-untyped-def]
-    return _pl().col("kind") == k
-
-
 def apply_steps(ctx: Context, steps: list[Step] | None = None, timings: dict[str, float] | None = None) -> None:
     """Run the steps in order over ``ctx.df``, filling ``_reason``/``_detail`` (first failing rule wins)."""
     pl = _pl()

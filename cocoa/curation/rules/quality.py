@@ -4,8 +4,12 @@ repetition features of :func:`cocoa.curation.frame.text_features`)."""
 
 from __future__ import annotations
 
-from ..steps import Context, Step, _kind, _pl
+from ..steps import Context, Step, _pl
 from ..text import WORD_RE, combined_pattern
+
+
+def _kind(k: str):  # type: ignore[no-untyped-def]
+    return _pl().col("kind") == k
 
 
 def _length_rule(ctx: Context):  # type: ignore[no-untyped-def]
