@@ -187,7 +187,7 @@ def bench_stage(model: Any, stage: int, data: Any, steps: int, warmup: int, devi
     from cocoa.model.collate import batch_to
     from cocoa.train.config import TrainConfig
     from cocoa.train.distributed import DistInfo
-    from cocoa.train.loop import _as_loss, _stage3_step
+    from cocoa.train.method import as_loss as _as_loss, stage3_step as _stage3_step
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, foreach=True)

@@ -111,7 +111,7 @@ def test_overwrite_refuses_a_foreign_directory_and_the_working_directory(ws, tin
 def test_overwrite_empties_a_cocoa_run_and_keeps_it_marked(tmp_path):
     from cocoa.fs import MARKER, is_owned, mark_owned
     from cocoa.train.config import TrainConfig
-    from cocoa.train.loop import prepare_run_dir
+    from cocoa.train.run_dir import prepare_run_dir
 
     out = tmp_path / "run"
     mark_owned(out, "run")
@@ -124,7 +124,7 @@ def test_overwrite_empties_a_cocoa_run_and_keeps_it_marked(tmp_path):
     legacy = tmp_path / "legacy"
     (legacy / "stage3").mkdir(parents=True)
     (legacy / "config.yaml").write_text(TrainConfig.build({"out": str(legacy)}).to_yaml())
-    from cocoa.train.loop import check_out_dir
+    from cocoa.train.run_dir import check_out_dir
 
     cfg = TrainConfig.build({"out": str(legacy), "overwrite": True})
     check_out_dir(cfg)
@@ -314,7 +314,8 @@ def test_preset_tiny_on_47_pairs_names_the_stage_and_the_value(scenes_root, tiny
 
 def test_rerun_names_differing_settings_and_allows_changing_unstarted_stages(tmp_path):
     from cocoa.train.config import TrainConfig, resolve_preset
-    from cocoa.train.loop import TrainError, prepare_run_dir
+    from cocoa.train.preflight import TrainError
+    from cocoa.train.run_dir import prepare_run_dir
 
     out = tmp_path / "run"
     base = {"out": str(out), "preset": "tiny", "stages": "1,2,3"}

@@ -30,7 +30,7 @@ sys.path.insert(0, sys.argv[4])
 from test_train_distributed import stage3_grads, train_config  # noqa: E402
 
 from cocoa.train import distributed as D  # noqa: E402
-from cocoa.train.loop import run_training  # noqa: E402
+from cocoa.train.run import run_training  # noqa: E402
 
 ws, model_dir, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 info = D.init()
@@ -62,7 +62,8 @@ def stage3_grads(ws, model_dir, info, ddp):
     from cocoa.model.collate import EmbedCollator
     from cocoa.train.config import resolve_preset
     from cocoa.train.data import ArrowRecords, rank_slice
-    from cocoa.train.loop import _dispatch_module, _load_cocoa_model, _stage3_step
+    from cocoa.train.method import dispatch_module as _dispatch_module, load_cocoa_model as _load_cocoa_model, \
+        stage3_step as _stage3_step
 
     cfg = resolve_preset(train_config(ws, model_dir, Path("unused")))
     model = _load_cocoa_model(str(model_dir), cfg, 3, info.device, torch.float32)
@@ -116,7 +117,7 @@ def test_two_processes_match_one_process(ws, tiny_model_dir, tmp_path):
         single = stage3_grads(ws, tiny_model_dir, D.DistInfo(), ddp=False)
         # what a rank would compute WITHOUT the other rank's negatives (its 4 pairs alone)
         local = stage3_grads_local(ws, tiny_model_dir)
-        from cocoa.train.loop import run_training
+        from cocoa.train.run import run_training
 
         run_training(train_config(ws, tiny_model_dir, tmp_path / "single"))
     finally:

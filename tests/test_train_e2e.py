@@ -122,7 +122,7 @@ def test_dora_adapters_are_merged_into_a_plain_checkpoint(ws, tiny_model_dir, tm
     from safetensors.torch import load_file
 
     from cocoa.train.config import TrainConfig
-    from cocoa.train.loop import run_training
+    from cocoa.train.run import run_training
 
     out = tmp_path / "dora"
     cfg = TrainConfig.build({

@@ -32,7 +32,7 @@ def cli(ctx: click.Context, config: TrainConfig) -> None:
     quiet_libraries()  # transformers' / hub bars would interleave with cocoa's (subcommands included)
     if ctx.invoked_subcommand is not None:
         return
-    from ..train.loop import run_training
+    from ..train.run import run_training
 
     result = run_training(config)
     for k, path in result["stages"].items():
