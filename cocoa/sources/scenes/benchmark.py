@@ -13,7 +13,8 @@ from ...fs import NotOwnedError, exclusive_lock, has_content, is_owned, mark_own
 from ...records import ImageRef, RecordError, digest
 from .evalsets import iter_eval_sets
 from .tasks import iter_train_pairs
-from .vocab import DATASETS, HELD_OUT_COMBOS
+from .vocab import DATASETS, HELD_OUT_COMBOS, dataset_names
+
 
 class _DirStore:
     """Content-addressed image files under ``<dataset dir>/images/<xx>/<digest>.png``."""
@@ -55,10 +56,7 @@ def build_benchmark(
     if n_train < 0 or eval_per_task < 0 or n_distractors < 1:
         raise RecordError("n_train and eval_per_task must be >= 0 and n_distractors >= 1")
     root = Path(root)
-    names = datasets or list(DATASETS)
-    unknown = [n for n in names if n not in DATASETS]
-    if unknown:
-        raise RecordError(f"unknown scenes dataset(s) {unknown}; known: {', '.join(DATASETS)}")
+    names = dataset_names(datasets)
     targets = [root / "original"] + [root / "eval" / n for n in names]
     existing = [p for p in targets if p.exists() or p.is_symlink()]
     if existing and not overwrite:

@@ -9,12 +9,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
-from ...records import EvalRecord, ImageRef, RecordError, digest
+from ...records import EvalRecord, ImageRef, digest
 from .graph import Scene, keyed_rng, sample_scene
 from .render import crop_object, crop_size_for, png_bytes, render_scene
 from .tasks import make_item, TaskItem
 from .vocab import (ALL_LABELS, ANSWERS_BY_TYPE, CAPTION_TEMPLATES, COLOR_NAMES, DATASETS, HELD_OUT_COMBOS,
-                    MATERIALS, MAX_OBJECTS, SHAPES, SIZES, TARGET_CROP_TEXT, TARGET_IMAGE_TEXT)
+                    MATERIALS, MAX_OBJECTS, SHAPES, SIZES, TARGET_CROP_TEXT, TARGET_IMAGE_TEXT, dataset_names)
 
 ImageStore = Callable[[str, bytes], ImageRef]
 
@@ -110,11 +110,8 @@ class _EvalBuilder:
 
     def _rec(self, item: TaskItem, q: int, qry_image: ImageRef | None, texts: list[str],
              images: list[ImageRef | None], **meta: Any) -> EvalRecord:
-        m = {"task": item.task, "scene": item.scene.to_dict(), "index": q, "n_candidates": len(texts), **meta}
-        if item.target is not None:
-            m["target"] = item.target
-        if item.qtype:
-            m["qtype"], m["answer_type"] = item.qtype, item.answer_type
+        m = item.annotate({"task": item.task, "scene": item.scene.to_dict(), "index": q, "n_candidates": len(texts),
+                           **meta})
         return EvalRecord(dataset=self.name, meta_task=self.info["meta_task"], split=self.split,  # type: ignore[arg-type]
                           qry_text=item.qry_text, qry_image=qry_image, tgt_texts=texts, tgt_images=images, meta=m)
 
@@ -227,9 +224,5 @@ def iter_eval_sets(
     """Evaluation records for the scenes datasets (all of :data:`DATASETS` by default), one dataset
     after the other. ``store(dataset, png_bytes) -> ImageRef`` decides how images are kept (default:
     embedded bytes; :func:`build_benchmark` writes content-addressed files instead)."""
-    names = datasets or list(DATASETS)
-    unknown = [n for n in names if n not in DATASETS]
-    if unknown:
-        raise RecordError(f"unknown scenes dataset(s) {unknown}; known: {', '.join(DATASETS)}")
-    for name in names:
+    for name in dataset_names(datasets):
         yield from _EvalBuilder(name, eval_per_task, n_distractors, seed, image_size, store or _embed_store, n_hard).records()

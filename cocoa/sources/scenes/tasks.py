@@ -27,6 +27,14 @@ class TaskItem:
     answer_type: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def annotate(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """Add the asked/cropped object and the VQA question and answer type to a record's ``meta``."""
+        if self.target is not None:
+            meta["target"] = self.target
+        if self.qtype:
+            meta["qtype"], meta["answer_type"] = self.qtype, self.answer_type
+        return meta
+
 
 def _scene_for(task: str, rng: random.Random, split: str, seed: str) -> Scene:
     forbid = HELD_OUT_COMBOS if split == "IND" else frozenset()
@@ -145,11 +153,7 @@ def iter_train_pairs(
         item = make_item(task, rng, "IND", seed=f"{seed}:train:{i}")
         img = render_scene(item.scene, image_size)
         full = ImageRef(bytes=png_bytes(img))
-        meta: dict[str, Any] = {"task": task, "scene": item.scene.to_dict(), "index": i, "image_size": image_size}
-        if item.target is not None:
-            meta["target"] = item.target
-        if item.qtype:
-            meta["qtype"], meta["answer_type"] = item.qtype, item.answer_type
+        meta = item.annotate({"task": task, "scene": item.scene.to_dict(), "index": i, "image_size": image_size})
         meta.update(item.extra)
         src = TRAIN_SOURCE[task]
         if task == "retrieval_t2i":

@@ -3,6 +3,8 @@ instructions, VQA question templates and answer sets."""
 
 from __future__ import annotations
 
+from ...records import RecordError
+
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (214, 40, 40),
     "green": (46, 160, 67),
@@ -36,6 +38,17 @@ for _name, _mt, _task in zip(
 ):
     DATASETS[_name] = {"meta_task": _mt, "task": _task, "split": "IND"}
     DATASETS[_name + "-OOD"] = {"meta_task": _mt, "task": _task, "split": "OOD"}
+
+
+def dataset_names(datasets: list[str] | None) -> list[str]:
+    """The scenes datasets asked for (all of :data:`DATASETS` for none), refusing unknown names."""
+    names = datasets or list(DATASETS)
+    unknown = [n for n in names if n not in DATASETS]
+    if unknown:
+        raise RecordError(f"unknown scenes dataset(s) {unknown}; known: {', '.join(DATASETS)}")
+    return names
+
+
 TASKS = ("classification", "vqa", "retrieval_t2i", "retrieval_i2t", "grounding")
 TRAIN_SOURCE = {t: n for n, t in zip(IND_DATASETS, TASKS)}
 
