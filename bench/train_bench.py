@@ -82,7 +82,7 @@ def build_model(size: str, device: Any, dtype: Any, image: int, attn: str = "sdp
 
 
 def _words(rng: random.Random, n: int) -> str:
-    from cocoa.tiny.build import COLORS, FUNCTION_WORDS, RELATIONS, SHAPES
+    from cocoa.tiny.tokenizer import COLORS, FUNCTION_WORDS, RELATIONS, SHAPES
 
     pool = COLORS + SHAPES + RELATIONS + FUNCTION_WORDS
     return " ".join(rng.choice(pool) for _ in range(n))
