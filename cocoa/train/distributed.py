@@ -7,8 +7,9 @@ Both launchers set ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` / ``MASTER_ADDR`` 
 * full fine-tuning of a large backbone on CUDA (``--strategy fsdp`` or ``auto``) -> FSDP2
   (``torch.distributed.fsdp.fully_shard`` per decoder / vision block, then the root).
 
-Contrastive negatives are gathered across ranks by :func:`gather_with_grad` (all ranks' embeddings, the
-local slice keeping its autograd graph), so the stage-3 loss is the global-batch loss on every rank.
+Contrastive negatives are gathered across ranks by :func:`cocoa.model.objectives.gather_with_grad` (all
+ranks' embeddings, the local slice keeping its autograd graph), so the stage-3 loss is the global-batch
+loss on every rank.
 """
 
 from __future__ import annotations
@@ -93,28 +94,6 @@ def all_reduce_sum(value: float | int, info: DistInfo) -> float:
     return float(t.item())
 
 
-class _GatherWithGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        ctx.rank = dist.get_rank()
-        ctx.n = x.shape[0]
-        return torch.cat(parts, 0)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        # Every rank computes the same global loss; the local slice's gradient is this rank's share.
-        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
-
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from all ranks (rank order); gradients flow to the local slice only."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    return _GatherWithGrad.apply(x)
-
-
 def wrap_model(module: torch.nn.Module, info: DistInfo, strategy: str, full_finetune: bool) -> torch.nn.Module:
     """DDP or FSDP2 around ``module`` (returned unchanged in a single process)."""
     if not info.enabled:
@@ -154,4 +133,4 @@ def no_sync(module: torch.nn.Module, active: bool):  # type: ignore[no-untyped-d
 
 
 __all__ = ["DistInfo", "init", "shutdown", "barrier", "broadcast_object", "all_gather_object", "all_reduce_sum",
-           "gather_with_grad", "wrap_model", "unwrap", "no_sync"]
+           "wrap_model", "unwrap", "no_sync"]
