@@ -12,18 +12,16 @@ from .images import ImageSource
 from .layout import EVAL_COLUMNS, EVAL_LAYOUT, EVAL_REPO, MMEBDataset, MMEBError, mmeb_v1_by_name
 from .report import SourceReport, _Skip
 from .rows import (
-    _check_columns,
     _hub_image_source,
     _hub_rows,
     _is_local,
     _iter_parquet_rows,
     _local_configs,
     _opt_str,
-    _printable,
     _require_online,
     _split_files,
     _unknown,
-    decode_row,
+    kept_rows,
 )
 
 ImageStore = Callable[[str, ImageRef], ImageRef]
@@ -88,26 +86,12 @@ def iter_mmeb_eval(
             else:
                 rows = _hub_rows(str(source), name, "test", EVAL_LAYOUT)
             cache: dict[str, ImageRef] = {}
-            kept = 0
-            for f, i, row in rows:
-                if max_per_dataset is not None and kept >= max_per_dataset:
-                    break
-                if not local and i == 0:
-                    _check_columns(list(row), EVAL_COLUMNS, f"{source} config {name}", EVAL_LAYOUT)
-                report.read[name] += 1
-                fname = f.name if isinstance(f, Path) else str(f)
-                meta = {"dataset": EVAL_REPO, "file": fname, "row": i}
-                try:
-                    rec = _eval_record(decode_row(row), info, images, cache, keep, meta, report)
-                except _Skip as s:
-                    if on_error == "raise":
-                        raise MMEBError(f"{source} {name}/{fname} row {i}: {s.detail}") from None
-                    report.add_skip(s.reason, f"{name}/{fname} row {i}: {s.detail}", f"{name}:{fname}:{i}",
-                                    _printable(row), {**meta, "subset": name})
-                    continue
-                report.kept[name] += 1
-                kept += 1
-                yield rec
+            yield from kept_rows(
+                rows, name, source=source, local=local, columns=EVAL_COLUMNS, layout=EVAL_LAYOUT,
+                limit=max_per_dataset, report=report, on_error=on_error,
+                describe=lambda fname, i: (f"{name}:{fname}:{i}", {"dataset": EVAL_REPO, "file": fname, "row": i}),
+                build=lambda row, meta: _eval_record(row, info, images, cache, keep, meta, report),
+                where=lambda fname: f"{source} {name}/{fname}", skip_meta={"subset": name})
     finally:
         images.close()
 

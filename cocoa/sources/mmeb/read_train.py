@@ -12,18 +12,16 @@ from .images import ImageSource
 from .layout import TRAIN_COLUMNS, TRAIN_LAYOUT, TRAIN_REPO, TRAIN_SPLITS, MMEBError, mmeb_train_subsets
 from .report import SourceReport, _Skip
 from .rows import (
-    _check_columns,
     _hub_image_source,
     _hub_rows,
     _is_local,
     _iter_parquet_rows,
     _local_configs,
     _opt_str,
-    _printable,
     _require_online,
     _split_files,
     _unknown,
-    decode_row,
+    kept_rows,
 )
 
 
@@ -118,27 +116,15 @@ def _train_rows(source: str | Path, root: Path, local: bool, configs: dict[str, 
             rows = _hub_rows(str(source), subset, split, TRAIN_LAYOUT)
             images = _hub_image_source(str(source), f"images_zip/{subset}.zip", idir)
             label = str(source)
-        kept = 0
         try:
-            for f, i, row in rows:
-                if max_per_subset is not None and kept >= max_per_subset:
-                    break
-                if not local and i == 0:
-                    _check_columns(list(row), TRAIN_COLUMNS, f"{source} config {subset}", TRAIN_LAYOUT)
-                report.read[subset] += 1
-                fname = f.name if isinstance(f, Path) else str(f)
-                key = f"{subset}:{used_split}:{fname}:{i}"
-                meta = {"dataset": TRAIN_REPO, "subset": subset, "split": used_split, "file": fname, "row": i}
-                try:
-                    rec = _train_record(decode_row(row), subset, images, meta, report)
-                except _Skip as s:
-                    if on_error == "raise":
-                        raise MMEBError(f"{label} {fname} row {i}: {s.detail}") from None
-                    report.add_skip(s.reason, f"{subset}/{fname} row {i}: {s.detail}", key, _printable(row), meta)
-                    continue
-                report.kept[subset] += 1
-                kept += 1
-                yield rec
+            yield from kept_rows(
+                rows, subset, source=source, local=local, columns=TRAIN_COLUMNS, layout=TRAIN_LAYOUT,
+                limit=max_per_subset, report=report, on_error=on_error,
+                describe=lambda fname, i: (f"{subset}:{used_split}:{fname}:{i}",
+                                           {"dataset": TRAIN_REPO, "subset": subset, "split": used_split,
+                                            "file": fname, "row": i}),
+                build=lambda row, meta: _train_record(row, subset, images, meta, report),
+                where=lambda fname: f"{label} {fname}")
         finally:
             images.close()
 

@@ -4,13 +4,13 @@ bytes, and decoding each row's text strictly as UTF-8 (a bad row is skipped, nev
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from .images import ImageSource
 from .layout import MMEBError
-from .report import _Skip
+from .report import SourceReport, _Skip
 
 
 def _is_local(source: str | Path) -> bool:
@@ -172,3 +172,34 @@ def _opt_str(v: Any) -> str:
     if isinstance(v, (bytes, bytearray)):  # never the repr "b'...'": rows are decoded by decode_row first
         return _decode_text(v, "text")
     return "" if v is None else str(v)
+
+
+def kept_rows(rows: Iterator[tuple[Any, int, dict[str, Any]]], config: str, *, source: str | Path, local: bool,
+              columns: tuple[str, ...], layout: str, limit: int | None, report: SourceReport, on_error: str,
+              describe: Callable[[str, int], tuple[str, dict[str, Any]]],
+              build: Callable[[dict[str, Any], dict[str, Any]], Any], where: Callable[[str], str],
+              skip_meta: dict[str, Any] | None = None) -> Iterator[Any]:
+    """The records of one config's raw ``rows``, at most ``limit`` kept. ``describe(file, i)`` gives a row's
+    quarantine key and meta, ``build(decoded_row, meta)`` its record; a row that raises :class:`_Skip` is
+    counted in ``report`` with its reason (meta plus ``skip_meta``), or raises :class:`MMEBError` starting
+    with ``where(file)`` when ``on_error="raise"``. Hub rows have their columns checked on the first row."""
+    kept = 0
+    for f, i, row in rows:
+        if limit is not None and kept >= limit:
+            break
+        if not local and i == 0:
+            _check_columns(list(row), columns, f"{source} config {config}", layout)
+        report.read[config] += 1
+        fname = f.name if isinstance(f, Path) else str(f)
+        key, meta = describe(fname, i)
+        try:
+            rec = build(decode_row(row), meta)
+        except _Skip as s:
+            if on_error == "raise":
+                raise MMEBError(f"{where(fname)} row {i}: {s.detail}") from None
+            report.add_skip(s.reason, f"{config}/{fname} row {i}: {s.detail}", key, _printable(row),
+                            {**meta, **(skip_meta or {})})
+            continue
+        report.kept[config] += 1
+        kept += 1
+        yield rec
