@@ -31,9 +31,9 @@ from .batches import _Batcher, _length_grouped_batches, response_loss
 from .cache import cache_key, pretrained_tiny_dir
 from .config import ALIGN_METRICS_FILE, DEFAULT_STEPS, METRICS_FILE, PRETRAIN_VERSION, PretrainConfig
 from .data import data_key, load_records
-from .examples import (CAPTION_PROMPTS, COUNT_PROMPT, IMAGE_PLACEHOLDER, OBJECTS_PROMPT, Example, describe_objects,
-                       describe_scene, describe_target, examples_from_record, heldout_examples, image_block,
-                       prompt_text, reading_order)
+from .examples import (CAPTION_PROMPTS, COUNT_PROMPT, IMAGE_PLACEHOLDER, OBJECTS_PROMPT, SHORT_CHARS, SHORT_KINDS,
+                       Example, describe_objects, describe_scene, describe_target, examples_from_record,
+                       heldout_examples, image_block, prompt_text, reading_order)
 from .metrics import loss_curve, read_metrics
 from .run import image_gap, pretrain
 
@@ -41,5 +41,5 @@ __all__ = ["PretrainConfig", "pretrain", "pretrained_tiny_dir", "describe_scene"
            "image_gap", "heldout_examples", "reading_order",
            "loss_curve", "read_metrics", "data_key", "load_records",
            "ALIGN_METRICS_FILE", "CAPTION_PROMPTS", "COUNT_PROMPT", "DEFAULT_STEPS", "Example", "IMAGE_PLACEHOLDER",
-           "METRICS_FILE", "OBJECTS_PROMPT", "PRETRAIN_VERSION", "cache_key", "describe_objects", "describe_target",
-           "image_block", "prompt_text", "response_loss"]
+           "METRICS_FILE", "OBJECTS_PROMPT", "PRETRAIN_VERSION", "SHORT_CHARS", "SHORT_KINDS", "cache_key",
+           "describe_objects", "describe_target", "image_block", "prompt_text", "response_loss"]
