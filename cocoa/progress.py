@@ -297,7 +297,8 @@ def columns(unit: str = "it", fields: tuple[str, ...] = ()) -> tuple[Any, ...]:
             text = "?" if speed is None else (f"{speed:.2f}" if speed < 10 else f"{speed:,.0f}")
             return Text(f"{text} {unit}/s", style="progress.data.speed")
 
-    extra = tuple(TextColumn(f"{name} {{task.fields[{name}]}}") for name in fields)
+    # a field is a name (shown as "name value") or a rich format string ("loss {task.fields[loss]:.3f}")
+    extra = tuple(TextColumn(f if "{" in f else f"{f} {{task.fields[{f}]}}") for f in fields)
     return (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TaskProgressColumn(), _Rate(), *extra, TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
 

@@ -381,3 +381,10 @@ def test_plain_progress_prints_whole_lines_at_the_interval_and_at_the_end(tmp_pa
     with Progress(console=Console(file=open(os.devnull, "w"))) as p:
         p.update(p.add_task("x", total=1), completed=1)
     assert p.disable
+
+
+def test_unknown_lora_target_modules_is_one_line(ws, tiny_model_dir, tmp_path):
+    r = _invoke(_s3_args(ws, tiny_model_dir, tmp_path / "run", "--lora-method", "lora",
+                         "--lora-target-modules", "no_such_proj"))
+    _one_clean_line(r)
+    assert "--lora-target-modules no_such_proj" in r.output and "q_proj" in r.output, r.output

@@ -25,7 +25,7 @@ FLOOR = {
 
 
 def _unit(module: str) -> str:
-    """``cocoa.train.loop`` -> ``train``; ``cocoa`` -> ``''``."""
+    """``cocoa.train.run`` -> ``train``; ``cocoa`` -> ``''``."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else ""
 

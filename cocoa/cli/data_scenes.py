@@ -37,9 +37,7 @@ def scenes(config: ScenesConfig) -> None:
     \b
     Example:  cocoa-data scenes --out data/scenes --train 20000 --eval-per-task 200 --distractors 999
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-
-    from ..progress import Progress  # a live bar on a terminal, plain periodic lines in logs and pipes
+    from ..progress import bar  # a live bar on a terminal, plain periodic lines in logs and pipes
 
     from ..sources.scenes import DATASETS, build_benchmark, write_contact_sheet
 
@@ -47,17 +45,13 @@ def scenes(config: ScenesConfig) -> None:
     if unknown:
         raise click.UsageError(f"unknown --datasets {unknown}; known: {', '.join(DATASETS)}")
     con = console()
-    columns = (TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[rate]:>8}"), TimeRemainingColumn())
-    with Progress(*columns, console=con, transient=False) as bar:
+    with bar(unit="items", console=con, transient=False) as prog:
         tasks: dict[str, int] = {}
 
         def progress(stage: str, done: int, total: int) -> None:
             if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total, rate="")
-            t = bar.tasks[tasks[stage]]
-            speed = t.speed
-            bar.update(tasks[stage], completed=done, rate=f"{speed:,.0f}/s" if speed else "")
+                tasks[stage] = prog.add_task(stage, total=total)
+            prog.update(tasks[stage], completed=done)
 
         summary = build_benchmark(
             config.out, n_train=config.train, eval_per_task=config.eval_per_task, n_distractors=config.distractors,

@@ -176,18 +176,10 @@ def _write_outputs(stage: Path, prov: dict[str, Any], kept, table, df, reasons, 
 
 
 def make_progress(console: Any = None, show: bool = True):  # type: ignore[no-untyped-def]
-    """A rich progress bar with count, rate and ETA."""
-    from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, TextColumn, TimeRemainingColumn
-    from rich.text import Text
+    """cocoa's standard progress bar (count, rate, ETA; plain periodic lines in logs and pipes)."""
+    from ..progress import bar
 
-    from ..progress import Progress  # a live bar on a terminal, plain periodic lines in logs and pipes
-
-    class Rate(ProgressColumn):
-        def render(self, task):  # type: ignore[no-untyped-def]
-            return Text(f"{task.speed:,.0f}/s" if task.speed else "")
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
-                    TimeRemainingColumn(), console=console, disable=not show)
+    return bar(unit="rows", console=console, disable=not show)
 
 
 __all__ = ["STEPS", "RULES", "Step", "Context", "apply_steps", "run_curation", "print_report", "open_checked",

@@ -47,10 +47,19 @@ def apply_adapters(hf_model: torch.nn.Module, cfg: LoraSection, *, extra_trainab
 
     lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=target_regex(cfg),
                       use_dora=cfg.method == "dora", bias="none")
-    peft_model = get_peft_model(hf_model, lcfg)
+    hint = "check the names (Qwen2-VL: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,qkv,fc1,fc2)"
+    try:
+        peft_model = get_peft_model(hf_model, lcfg)
+    except ValueError as e:  # peft: "Target modules {...} not found in the base model"
+        from .preflight import TrainError
+
+        raise TrainError(f"--lora-target-modules {','.join(cfg.target_modules)}: {' '.join(str(e).split())[:300]}; "
+                         f"{hint}") from None
     n = sum(1 for name, _ in hf_model.named_modules() if name.endswith("lora_A"))
     if n == 0:
-        raise ValueError(
+        from .preflight import TrainError
+
+        raise TrainError(
             f"no module of the model matches --lora-target-modules {','.join(cfg.target_modules)}; "
             "check the names (Qwen2-VL: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,qkv,fc1,fc2)"
         )

@@ -90,14 +90,10 @@ class StepProgress:
         self.p = None
         if enabled:
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, \
-                TimeRemainingColumn
 
-            from ..progress import Progress
+            from ..progress import bar
 
-            self.p = Progress(TextColumn(f"stage {stage}"), BarColumn(), MofNCompleteColumn(),
-                              TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                              TimeRemainingColumn(), console=Console(stderr=True), transient=False, unit="steps")
+            self.p = bar(unit="steps", fields=("{task.fields[info]}",), console=Console(stderr=True), transient=False)
             self.task = self.p.add_task(f"stage {stage}", total=total, completed=start, info="")
 
     def __enter__(self) -> "StepProgress":

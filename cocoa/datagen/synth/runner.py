@@ -325,23 +325,11 @@ class Synthesizer:
     # -- progress -----------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _progress(self, total: int | None) -> Iterator[Any]:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        from ...progress import Progress  # a live bar on a terminal, plain periodic lines in logs and pipes
+        from ...progress import bar  # a live bar on a terminal, plain periodic lines in logs and pipes
 
         self._t_start = time.time()
-        prog = Progress(
-            TextColumn("[bold]synth[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("pairs"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            TextColumn("{task.fields[stats]}"),
-            console=self.console, disable=not self.config.progress, refresh_per_second=2, transient=False,
-        )
+        prog = bar(unit="pairs", fields=("{task.fields[stats]}",), console=self.console,
+                   disable=not self.config.progress, refresh_per_second=2, transient=False)
         with prog:
             tid = prog.add_task(f"{self.backend}:{self.model}", total=total, stats="")
 

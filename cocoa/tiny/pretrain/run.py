@@ -213,19 +213,6 @@ def image_gap(model, processor, eos_token: str, examples: list[Example], *, per_
 
 
 def _progress(enabled: bool, console: Any = None):  # type: ignore[no-untyped-def]
-    from rich.progress import (BarColumn, MofNCompleteColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from ...progress import bar  # a live bar on a terminal, plain lines in logs and pipes
 
-    from ...progress import Progress  # a live bar on a terminal, plain lines in logs and pipes
-
-    class _Rate(TaskProgressColumn):
-        def render(self, task):  # type: ignore[no-untyped-def]
-            from rich.text import Text
-
-            return Text(f"{task.speed or 0:.2f} steps/s")
-
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.3f}"), _Rate(), TimeElapsedColumn(), TextColumn("ETA"),
-        TimeRemainingColumn(), disable=not enabled, console=console, unit="steps",
-    )
+    return bar(unit="steps", fields=("loss {task.fields[loss]:.3f}",), console=console, disable=not enabled)
