@@ -27,3 +27,14 @@ def scenes_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("scenes")
     build_benchmark(root, n_train=240, eval_per_task=12, n_distractors=15, seed=0)
     return root
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: deterministic and much faster on 2 shared, busy cores."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

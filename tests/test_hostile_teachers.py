@@ -3,16 +3,16 @@
 4xx, or send text that is not UTF-8. Each answer must end as a retry, a clean stop or a quarantine row
 with its reason -- never a silent permanent rejection, a hang or a traceback."""
 
-import http.server
 import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
+
+from loopback import server  # noqa: F401 (the fixture)
 
 from cocoa.datagen.schemas import json_schema
 from cocoa.datagen.synth import SynthConfig, SynthIncomplete, run_synth
@@ -28,67 +28,6 @@ def _ok(content: str) -> bytes:
     return json.dumps({"id": "x", "object": "chat.completion",
                        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
                        "usage": {"prompt_tokens": 3, "completion_tokens": 2}}).encode()
-
-
-class Server:
-    """A real HTTP server on 127.0.0.1 (port 0). ``behave(n, request_json)`` returns
-    ``(status, content_type, body_bytes)`` or ``("trickle", body_bytes, seconds_per_byte)``."""
-
-    def __init__(self, behave):
-        self.behave, self.n, self.lock = behave, 0, threading.Lock()
-        outer = self
-
-        class H(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                data = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with outer.lock:
-                    outer.n += 1
-                    n = outer.n
-                ans = outer.behave(n, data)
-                try:
-                    if ans[0] == "trickle":
-                        _, body, dt = ans
-                        self.send_response(200)
-                        self.send_header("Content-Type", "application/json")
-                        self.send_header("Content-Length", str(len(body)))
-                        self.end_headers()
-                        for i in range(len(body)):
-                            self.wfile.write(body[i:i + 1])
-                            time.sleep(dt)
-                        return
-                    status, ctype, body = ans
-                    self.send_response(status)
-                    self.send_header("Content-Type", ctype)
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                except (BrokenPipeError, ConnectionResetError):  # the client gave up: fine
-                    pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def server():
-    made = []
-
-    def make(behave):
-        made.append(Server(behave))
-        return made[-1]
-
-    yield make
-    for s in made:
-        s.close()
 
 
 @pytest.fixture(scope="module")

@@ -29,14 +29,6 @@ def ws(scenes_root, tmp_path_factory):
     return make_workspace(scenes_root, tmp_path_factory.mktemp("hostile-train-ws"))
 
 
-@pytest.fixture
-def one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _pairs(scenes_root: Path, n: int) -> list:

@@ -1,18 +1,18 @@
 """The openai backend against real HTTP servers on loopback: a misbehaving socket server (500s, stalls,
 429, 401, 400) and `transformers serve` with the offline tiny model."""
 
-import http.server
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
+
+from loopback import server  # noqa: F401 (the fixture)
 
 from cocoa.datagen.schemas import json_schema
 from cocoa.datagen.synth import SynthConfig, SynthIncomplete, run_synth
@@ -28,62 +28,6 @@ def _ok(content: str) -> tuple:
                                                                     "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 11, "completion_tokens": 7}}
     return 200, {}, json.dumps(body)
-
-
-class ScriptedServer:
-    """A real HTTP server on 127.0.0.1 whose answers come from ``behave(n, request_json)``:
-    ``(status, headers, body)`` or ``("stall", seconds)``. Records every request's headers and body."""
-
-    def __init__(self, behave):
-        self.behave = behave
-        self.requests: list[tuple[dict, dict]] = []
-        self.lock = threading.Lock()
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                data = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with outer.lock:
-                    outer.requests.append((dict(self.headers), data))
-                    n = len(outer.requests)
-                ans = outer.behave(n, data)
-                if ans[0] == "stall":
-                    time.sleep(ans[1])
-                    return
-                status, headers, body = ans
-                self.send_response(status)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body.encode())))
-                self.end_headers()
-                self.wfile.write(body.encode())
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def server():
-    made = []
-
-    def make(behave):
-        s = ScriptedServer(behave)
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.close()
 
 
 @pytest.fixture(scope="module")

@@ -21,15 +21,6 @@ def ws(scenes_root, tmp_path_factory):
     return make_workspace(scenes_root, tmp_path_factory.mktemp("train-ws"))
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: deterministic and much faster on 2 shared, busy cores."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _mean(xs):
