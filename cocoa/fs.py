@@ -12,8 +12,9 @@ Three promises (``docs/reliability.md``):
   error naming the holder (pid, command, start time).
 * **Deleting only what is ours.** ``--overwrite`` removes a directory only when it is empty or carries
   cocoa's marker file (:data:`MARKER`, written by every command that creates a directory it may later
-  replace) or is a cocoa dataset (has a cocoa ``manifest.json``); anything else is refused with a clear
-  message (:func:`remove_owned_tree`).
+  replace: the whole directory is cocoa's, and anything put inside it goes with it) or is a cocoa dataset
+  (has a cocoa ``manifest.json``) holding only what cocoa writes there; anything else is refused with a
+  clear message naming up to three foreign entries (:func:`remove_owned_tree`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -74,17 +76,22 @@ def read_json(path: str | Path, *, fix: str = "regenerate it") -> object:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise TextFileError(f"{path} is not valid JSON ({e}); {fix}") from None
+    except RecursionError:
+        raise TextFileError(f"{path} is not usable JSON (nested too deeply); {fix}") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise TextFileError(f"{path} is not usable JSON ({str(e)[:120]}); {fix}") from None
 
 
 # ---------------------------------------------------------------------------------------------
 # contained paths
 # ---------------------------------------------------------------------------------------------
-def contained(root: str | Path, rel: str, *, where: str) -> Path:
+def contained(root: str | Path, rel: str, *, where: str, file: bool = False) -> Path:
     """``root / rel`` when ``rel`` is a relative POSIX path that stays inside ``root``; else refuse.
 
     Refused: empty, absolute (``/x``, ``C:\\x``, ``\\\\host``), any ``..`` component, backslashes, NUL,
     and anything whose resolved path (symlinks followed) leaves ``root``'s resolved path.
-    ``where`` names the file the path came from, for the message.
+    ``where`` names the file the path came from, for the message. ``file=True`` also refuses a path
+    that names a directory (``"."``, ``"sub/"``): the caller wants a file there.
     """
     bad = None
     if not isinstance(rel, str) or not rel:
@@ -104,6 +111,9 @@ def contained(root: str | Path, rel: str, *, where: str) -> Path:
             full.resolve().relative_to(root_r)
         except ValueError:
             bad = "resolves (through a symlink) outside the directory"
+        else:
+            if file and (full.resolve() == root_r or full.is_dir()):
+                bad = "is a directory, not a file"
     if bad is not None:
         raise UnsafePathError(
             f"{where}: path {rel!r} {bad}; cocoa only uses paths inside {root}. The file was edited or "
@@ -128,10 +138,10 @@ def exclusive_lock(directory: str | Path, *, name: str = LOCK, what: str = "") -
     try:
         directory.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except PermissionError:
+    except OSError as e:  # permissions, a read-only filesystem (EROFS), a full disk, a file in the way, ...
         raise LockedError(
-            f"{directory} is not writable (cannot create its lock file {name}); a command that writes there needs "
-            "write permission: fix the permissions or choose another directory"
+            f"{directory} is not writable (cannot create its lock file {name}: {e.strerror or e}); a command that "
+            "writes there needs a writable directory: fix the permissions or mount, or choose another directory"
         ) from None
     try:
         try:
@@ -189,19 +199,87 @@ def mark_owned(directory: str | Path, kind: str) -> None:
 
 
 def is_owned(directory: str | Path) -> bool:
-    """A directory cocoa may delete on ``--overwrite``: it carries the marker or is a cocoa dataset."""
+    """A directory cocoa may delete on ``--overwrite``: it carries the marker (the whole directory is cocoa's:
+    whatever else was put inside goes with it), or it is a cocoa dataset (a cocoa ``manifest.json``) that
+    holds nothing cocoa does not write there (:func:`foreign_entries`)."""
     directory = Path(directory)
     if directory.is_symlink():
         return False
     if (directory / MARKER).is_file():
         return True
+    return _is_cocoa_dataset(directory) and not foreign_entries(directory, limit=1)
+
+
+def _is_cocoa_dataset(directory: Path) -> bool:
     mf = directory / "manifest.json"
     if mf.is_file():
         try:
             return json.loads(mf.read_bytes()).get("format") == "cocoa-shards"
-        except (ValueError, OSError, AttributeError):
+        except (ValueError, OSError, AttributeError, RecursionError):
             return False
     return False
+
+
+# What cocoa writes inside a dataset directory (a ``manifest.json`` directory without the marker):
+# ``--overwrite`` deletes such a directory only when it holds nothing else (checked by the writers' names:
+# shards.ShardWriter, synth's merge lock and parts, scenes/MMEB-eval images, curate/mix reports).
+_SHARD_FILE = re.compile(r"^shard(?:-\d{10})?-\d{5}\.arrow$")
+_DATASET_FILES = {"manifest.json", "README.md", "report.json", "benchmark.json", "mix_report.json", ".merge.lock"}
+_TEMP_FILE = re.compile(r"^\.(?:shard(?:-\d{10})?-\d{5}\.arrow|manifest\.json|README\.md|report\.json|benchmark\.json"
+                        r"|mix_report\.json)\.tmp-[0-9a-f]+$")
+_SUB_DATASETS = {"quarantine", "rejected"}
+_PART_DIR = re.compile(r"^part-\d{5}-of-\d{5}$")
+_IMAGE_FILE = re.compile(r"^[0-9a-f]{8,}\.(?:png|jpg)$")
+
+
+def foreign_entries(directory: str | Path, limit: int = 3) -> list[str]:
+    """Up to ``limit`` entries (relative paths) inside the dataset ``directory`` that cocoa does not write
+    there: anything but its manifest, shards and their temporary files, ``.cocoa*`` bookkeeping, its
+    sub-datasets (``parts/``, ``quarantine/``, ``rejected/``), ``images/`` and its reports."""
+    root = Path(directory)
+    found: list[str] = []
+
+    def note(p: Path) -> bool:
+        found.append(str(p.relative_to(root)) + ("/" if p.is_dir() and not p.is_symlink() else ""))
+        return len(found) >= limit
+
+    def dataset(d: Path) -> bool:
+        for p in sorted(d.iterdir()):
+            name = p.name
+            if p.is_symlink():
+                if note(p):
+                    return True
+            elif p.is_dir():
+                if name in _SUB_DATASETS:
+                    if dataset(p):
+                        return True
+                elif name == "parts":
+                    for q in sorted(p.iterdir()):
+                        if q.is_symlink() or not q.is_dir() or not _PART_DIR.match(q.name):
+                            if note(q):
+                                return True
+                        elif dataset(q):
+                            return True
+                elif name == "images":
+                    for q in sorted(p.iterdir()):
+                        if q.is_symlink() or not q.is_dir() or not re.fullmatch(r"[0-9a-f]{2}", q.name):
+                            if note(q):
+                                return True
+                            continue
+                        for f in sorted(q.iterdir()):
+                            if f.is_symlink() or not f.is_file() or not _IMAGE_FILE.match(f.name):
+                                if note(f):
+                                    return True
+                elif note(p):
+                    return True
+            elif not (name in _DATASET_FILES or _SHARD_FILE.match(name) or _TEMP_FILE.match(name)
+                      or name.startswith(".cocoa")):
+                if note(p):
+                    return True
+        return False
+
+    dataset(root)
+    return found
 
 
 def has_content(directory: str | Path) -> bool:
@@ -233,6 +311,13 @@ def check_removable(directory: str | Path, *, flag: str = "--overwrite") -> None
         raise NotOwnedError(f"{directory} ({resolved}) is the working directory, one of its parents or your home; "
                             f"{flag} never deletes it. Choose a subdirectory as the output")
     if has_content(directory) and not is_owned(directory):
+        if not directory.is_symlink() and not (directory / MARKER).is_file() and _is_cocoa_dataset(directory):
+            foreign = foreign_entries(directory)
+            raise NotOwnedError(
+                f"{directory} is a cocoa dataset but also holds files cocoa did not write there "
+                f"({', '.join(foreign)}); {flag} would delete them with it, so it deletes nothing. Move them "
+                "out of the dataset (or delete them yourself) and run the command again"
+            )
         raise NotOwnedError(
             f"{directory} is not empty and was not made by cocoa (no {MARKER} marker or cocoa manifest); "
             f"{flag} only deletes cocoa's own output. Remove it yourself if you mean it, or choose another directory"

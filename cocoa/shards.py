@@ -31,7 +31,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.ipc as ipc
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
 from .fs import TextFileError, contained, read_json
 from .records import RECORD_TYPES, SCHEMA_VERSION, from_row, schema_for, to_row
@@ -51,18 +51,18 @@ class ShardError(CocoaError):
 class ShardInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
     file: str
-    num_rows: int
-    bytes: int
+    num_rows: StrictInt  # strict: a manifest's "3", 3.0, NaN or true is an edit, not a count
+    bytes: StrictInt
     sha256: str
 
 
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format: str = FORMAT
-    schema_version: int = SCHEMA_VERSION
+    schema_version: StrictInt = SCHEMA_VERSION  # strict: "1" or "yes" in a manifest is refused, not coerced
     record_type: str
-    num_rows: int = 0
-    complete: bool = False
+    num_rows: StrictInt = 0
+    complete: StrictBool = False
     shards: list[ShardInfo] = Field(default_factory=list)
     provenance: dict[str, Any] = Field(default_factory=dict)
     created: float = Field(default_factory=time.time)
@@ -132,6 +132,8 @@ def read_manifest(path: str | Path) -> Manifest:
     mf = path / MANIFEST
     if not path.exists():
         raise ShardError(f"{path} does not exist; create it first (e.g. `cocoa-data scenes` or `cocoa-data synth`)")
+    if mf.is_dir():
+        raise ShardError(f"{mf} is a directory, not a file; the dataset is damaged: regenerate it")
     if not mf.is_file():
         raise ShardError(
             f"{path} is not a cocoa dataset: it has no {MANIFEST}. Point at a directory written by cocoa "
@@ -145,15 +147,17 @@ def read_manifest(path: str | Path) -> Manifest:
         raise ShardError(f"{mf} is not a cocoa manifest (format != {FORMAT!r}); regenerate the dataset")
     try:
         m = Manifest.model_validate(data)
-    except Exception as e:
-        raise ShardError(f"{mf} is malformed ({e}); regenerate the dataset") from None
+    except ValidationError as e:
+        from .config import format_validation_error
+
+        raise ShardError(f"{mf} is malformed ({format_validation_error(e)}); regenerate the dataset") from None
     if m.schema_version > SCHEMA_VERSION:
         raise ShardError(f"{path} uses schema version {m.schema_version}; this cocoa reads <= {SCHEMA_VERSION}: upgrade cocoa")
     if m.record_type not in RECORD_TYPES:
         raise ShardError(f"{mf}: unknown record type {m.record_type!r}")
     seen: set[str] = set()
     for sh in m.shards:
-        contained(path, sh.file, where=str(mf))  # relative, no '..', no symlink escape
+        contained(path, sh.file, where=str(mf), file=True)  # relative, no '..', no symlink escape, not a dir
         if sh.file in seen:
             raise ShardError(f"{mf} lists {sh.file} twice; the manifest was edited: regenerate the dataset")
         seen.add(sh.file)

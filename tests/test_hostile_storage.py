@@ -274,3 +274,110 @@ def test_full_disk_gives_one_line_and_keeps_committed_shards(tmp_path, small_dis
     assert not m.complete and m.shards
     for s in m.shards:
         assert sha256_file(ds / s.file) == s.sha256
+
+
+# ---------------------------------------------------------------------------------------------
+# audit A: foreign files in datasets, damaged manifests, unwritable directories
+# ---------------------------------------------------------------------------------------------
+def test_overwrite_refuses_a_cocoa_dataset_holding_foreign_files_and_names_them(tmp_path):
+    from cocoa.fs import check_removable, foreign_entries
+
+    ds = tmp_path / "ws" / "synthetic"
+    write_records(ds, "PairRecord", pairs(3))
+    write_records(ds / "parts" / "part-00000-of-00001", "PairRecord", pairs(2))
+    write_records(ds / "quarantine", "PairRecord", pairs(1))
+    (ds / ".merge.lock").write_text("")
+    (ds / "images" / "ab").mkdir(parents=True)
+    (ds / "images" / "ab" / ("ab" + "0" * 62 + ".png")).write_bytes(b"x")
+    assert foreign_entries(ds) == []  # only what cocoa writes: removable
+    clean = tmp_path / "clean"
+    shutil.copytree(ds, clean)
+    remove_owned_tree(clean)
+    assert not clean.exists()
+
+    (ds / "my_notes.txt").write_text("mine")
+    (ds / "myanalysis").mkdir()
+    (ds / "myanalysis" / "a.csv").write_text("x")
+    (ds / "quarantine" / "keep.md").write_text("mine")
+    (ds / "zz_more.txt").write_text("mine")
+    with pytest.raises(NotOwnedError) as e:
+        check_removable(ds)
+    msg = str(e.value)
+    assert "\n" not in msg and "my_notes.txt" in msg and "myanalysis/" in msg and "quarantine/keep.md" in msg
+    assert "zz_more.txt" not in msg  # up to three named
+    with pytest.raises(NotOwnedError):
+        remove_owned_tree(ds)
+    assert (ds / "my_notes.txt").read_text() == "mine" and (ds / "myanalysis" / "a.csv").exists()
+    assert (ds / "shard-00000.arrow").exists()
+
+    # a marked directory is cocoa's as a whole: what was put inside goes with it (documented)
+    marked = tmp_path / "curated"
+    mark_owned(marked, "curated")
+    (marked / "my_notes.txt").write_text("mine")
+    remove_owned_tree(marked)
+    assert not marked.exists()
+
+
+@pytest.mark.parametrize("text", ["[" * 100000, '{"format": "cocoa-shards", "num_rows": ' + "9" * 5000 + "}"])
+def test_a_deeply_nested_or_huge_number_manifest_is_one_line_naming_it(tmp_path, text):
+    ds = tmp_path / "ds"
+    write_records(ds, "PairRecord", pairs(2))
+    (ds / MANIFEST).write_text(text)
+    with pytest.raises(ShardError) as e:
+        read_manifest(ds)
+    assert str(ds / MANIFEST) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_lock_that_cannot_be_created_is_one_line_whatever_the_oserror(tmp_path, monkeypatch):
+    import errno
+    import os as _os
+
+    import cocoa.fs as fs
+
+    real = _os.open
+
+    def erofs(path, *a, **kw):
+        if str(path).endswith(".cocoa.lock"):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(fs.os, "open", erofs)
+    with pytest.raises(LockedError, match="is not writable.*Read-only file system"):
+        with exclusive_lock(tmp_path):
+            pass
+    monkeypatch.setattr(fs.os, "open", real)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / ".cocoa.lock").mkdir()  # something in the way: IsADirectoryError
+    with pytest.raises(LockedError, match="is not writable"):
+        with exclusive_lock(tmp_path / "d"):
+            pass
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda m: m["shards"][0].__setitem__("num_rows", float("nan")), "shards.0.num_rows"),
+    (lambda m: m["shards"][0].pop("sha256"), "shards.0.sha256"),
+    (lambda m: m.__setitem__("record_type", 3), "record_type"),
+    (lambda m: m.__setitem__("complete", "yes"), "complete"),
+    (lambda m: m.__setitem__("schema_version", "1"), "schema_version"),
+    (lambda m: m.__setitem__("num_rows", True), "num_rows"),
+])
+def test_a_malformed_or_loosely_typed_manifest_is_one_line_without_a_pydantic_url(tmp_path, edit, words):
+    ds = tmp_path / "ds"
+    write_records(ds, "PairRecord", pairs(2))
+    _edit_manifest(ds, edit)
+    with pytest.raises(ShardError) as e:
+        read_manifest(ds)
+    msg = str(e.value)
+    assert "\n" not in msg and "pydantic" not in msg and words in msg and "is malformed" in msg
+
+
+def test_a_manifest_listing_a_directory_or_being_a_directory_says_so(tmp_path):
+    ds = tmp_path / "ds"
+    write_records(ds, "PairRecord", pairs(2))
+    _edit_manifest(ds, lambda m: m["shards"][0].__setitem__("file", "."))
+    with pytest.raises(UnsafePathError, match="is a directory, not a file"):
+        read_manifest(ds)
+    (ds / MANIFEST).unlink()
+    (ds / MANIFEST).mkdir()
+    with pytest.raises(ShardError, match="manifest.json is a directory"):
+        read_manifest(ds)

@@ -123,3 +123,19 @@ def test_json_schema_is_strict_and_hashed():
     assert s["additionalProperties"] is False and s["properties"]["qa"]["maxItems"] == 5
     assert s["$defs"]["QAPair"]["additionalProperties"] is False
     assert schema_hash("qa", 5) != schema_hash("qa", 3) != schema_hash("caption")
+
+
+def test_a_prompts_file_linking_outside_the_directory_is_refused_unread(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("top secret {{ dataset }}")
+    d = tmp_path / "prompts"
+    d.mkdir()
+    (d / "caption_natural.j2").symlink_to(secret)
+    with pytest.raises(PromptError, match="outside") as e:
+        PromptLibrary(d)
+    assert "top secret" not in str(e.value) and "\n" not in str(e.value)
+    # a link that stays inside the directory is fine
+    (d / "caption_natural.j2").unlink()
+    (d / "real.j2").write_text("{{ dataset }} caption, answer as JSON")
+    (d / "caption_natural.j2").symlink_to(d / "real.j2")
+    assert "DocVQA" in PromptLibrary(d).render("caption_natural", **CTX).text

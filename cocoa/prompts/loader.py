@@ -86,6 +86,27 @@ class Template:
     hash: str          # content hash (with referenced templates)
 
 
+class _ContainedLoader(jinja2.FileSystemLoader):
+    """A :class:`jinja2.FileSystemLoader` that reads a template only when its path, symlinks resolved,
+    stays inside the directory it is found in: a ``--prompts`` file linking to ``/etc/...`` is refused,
+    never read or rendered (:func:`cocoa.fs.contained`)."""
+
+    def get_source(self, environment: jinja2.Environment, template: str) -> tuple[str, str, Any]:
+        from ..fs import UnsafePathError, contained
+
+        for sp in self.searchpath:
+            if (Path(sp) / template).exists() or (Path(sp) / template).is_symlink():
+                try:
+                    contained(sp, template, where=f"--prompts {sp}", file=True)
+                except UnsafePathError:
+                    raise PromptError(
+                        f"template {Path(sp) / template} resolves (through a symlink) outside {sp} or is not a "
+                        "file; cocoa reads templates only from inside the prompts directory: copy the file into it"
+                    ) from None
+                break
+        return super().get_source(environment, template)
+
+
 @dataclass(frozen=True)
 class RenderedPrompt:
     template: Template
@@ -101,7 +122,7 @@ class PromptLibrary:
             raise PromptError(f"--prompts {self.extra_dir}: no such directory; give a directory of *.j2 templates")
         dirs = ([str(self.extra_dir)] if self.extra_dir else []) + [str(BUILTIN_DIR)]
         self.env = SandboxedEnvironment(
-            loader=jinja2.FileSystemLoader(dirs),
+            loader=_ContainedLoader(dirs),
             undefined=jinja2.StrictUndefined,
             autoescape=False,
             trim_blocks=True,

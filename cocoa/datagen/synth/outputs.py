@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ...config import ConfigError
-from ...fs import is_locked, remove_owned_tree
+from ...fs import check_removable, is_locked, remove_owned_tree
 from ...records import ImageRef, PairRecord, QuarantineRecord, SynthRecord, TemplateInfo, canonical_json
 from ...shards import (
     MANIFEST,
@@ -154,6 +154,8 @@ def prepare(ws: Workspace, source: Source, config: SynthConfig, own_lock: str) -
             raise ConfigError(f"--overwrite: other `cocoa-data synth` workers are writing {ws.root} "
                               f"({', '.join(b.removeprefix('.cocoa-synth-').removesuffix('.lock') for b in busy)}); "
                               "wait for them to finish or stop them first")
+        for d in dirs:  # refuse before deleting any of them
+            check_removable(d, flag="--overwrite")
         for d in dirs:
             remove_owned_tree(d, flag="--overwrite")  # only cocoa's own datasets (or empty dirs)
     for d in dirs:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ...fs import NotOwnedError, exclusive_lock, has_content, is_owned, mark_owned, remove_owned_tree
+from ...fs import NotOwnedError, check_removable, exclusive_lock, has_content, is_owned, mark_owned, remove_owned_tree
 from ...records import ImageRef, RecordError, digest
 from .evalsets import iter_eval_sets
 from .tasks import iter_train_pairs
@@ -62,6 +62,8 @@ def build_benchmark(
     if existing and not overwrite:
         raise RecordError(f"{existing[0]} already exists; pass overwrite=True (--overwrite) or choose another --out")
     for p in existing:  # refuse before building anything: --overwrite replaces only cocoa's own datasets
+        if p.is_dir() and not p.is_symlink() and has_content(p) and not is_owned(p):
+            check_removable(p, flag="--overwrite")  # names what cocoa did not write there
         if p.is_symlink() or not p.is_dir() or (has_content(p) and not is_owned(p)):
             raise NotOwnedError(f"{p} exists and was not made by cocoa (no cocoa manifest or marker); --overwrite only "
                                 "replaces cocoa's own output. Remove it yourself if you mean it, or choose another --out")
