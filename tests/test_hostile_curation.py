@@ -406,3 +406,93 @@ def test_curate_and_mix_wait_for_a_running_synth_worker(tmp_path):
             msg = _one_line_error(_in_process(cmd, "--data", str(ws.root), "--no-progress"))
             assert "`cocoa-data synth` is writing" in msg and "part-00001-of-00002" in msg
     assert _in_process("curate", "--data", str(ws.root), "--no-progress").returncode == 0  # released: runs
+
+
+# --- audit A fixes (B2, B3, C11-C14, D19, D20) -------------------------------------------------------------------
+def _err(r: _Result) -> str:
+    assert r.returncode != 0 and "Traceback" not in r.stdout, r.stdout
+    return r.stdout
+
+
+def test_mix_refuses_a_curated_not_made_from_the_current_inputs(tmp_path):
+    ws = _workspace(tmp_path / "ws", n=3)
+    assert _in_process("curate", "--data", str(ws.root), "--no-progress").returncode == 0
+    assert _in_process("mix", "--data", str(ws.root), "--no-progress").returncode == 0
+    write_records(ws.synthetic, "SynthRecord", [caption("z", unique_sentence(9000), noise_image(5))], overwrite=True)
+    out = _err(_in_process("mix", "--data", str(ws.root), "--no-progress"))
+    assert "not made from the current" in out and "rerun `cocoa-data curate" in out
+    assert _in_process("mix", "--data", str(ws.root), "--ratio", "0:1", "--no-progress").returncode != 0
+    assert _in_process("curate", "--data", str(ws.root), "--no-progress").returncode == 0
+    write_records(ws.original, "PairRecord", [pair("vqa", qry_text="q?", qry_image=noise_image(1), pos_text="a b")],
+                  overwrite=True)
+    assert "rerun `cocoa-data curate" in _err(_in_process("mix", "--data", str(ws.root), "--ratio", "1:0",
+                                                          "--no-progress"))
+
+
+def test_unusable_eval_data_warns_or_fails(tmp_path):
+    from cocoa.records import EvalRecord, ImageRef
+
+    ws = _workspace(tmp_path / "ws", n=3)
+    ev = tmp_path / "ev"
+    recs = [EvalRecord(dataset="D", id=f"e{i}", meta_task="retrieval", split="IND", qry_text="x", qry_image=ImageRef(path=f"gone{i}.png"),
+                       tgt_texts=["y"], tgt_images=[None]) for i in range(3)]
+    write_records(ev / "D", "EvalRecord", recs)
+    out = _err(_in_process("curate", "--data", str(ws.root), "--eval-data", str(ev), "--no-progress"))
+    assert "yields nothing to decontaminate against" in out and "image missing 3" in out
+    long = " ".join(f"w{i}" for i in range(12))
+    write_records(ev / "D", "EvalRecord", recs + [EvalRecord(dataset="D", id="t", meta_task="retrieval", split="IND", qry_text=long, tgt_texts=["y"],
+                                                             tgt_images=[None])], overwrite=True)
+    r = _in_process("curate", "--data", str(ws.root), "--eval-data", str(ev), "--no-progress")
+    assert r.returncode == 0 and "warning: decontamination is incomplete: 3 eval images/rows" in r.stdout
+    (tmp_path / "f.sh").write_text("x")
+    out = _err(_in_process("curate", "--data", str(ws.root), "--eval-data", str(tmp_path / "f.sh")))
+    assert "is a file, not a directory" in out
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--near-seed", "-1"], "near.seed"), (["--near-seed", str(2**70)], "near.seed"),
+    (["--near-num-perm", "100000000"], "near.num_perm"), (["--exact-global-kinds", "foo"], "'caption', 'qa'"),
+    (["--near-kinds", ""], "--no-near-enabled"), (["--image-max-pixels", str(10**12)], "image.max_pixels"),
+    (["--text-caption-min-words", "10", "--text-caption-max-words", "2"], "--text-caption-min-words (10)"),
+])
+def test_curate_refuses_bad_settings_before_work(tmp_path, args, needle):
+    ws = _workspace(tmp_path / "ws", n=1)
+    out = _err(_in_process("curate", "--data", str(ws.root), *args))
+    assert needle in out and not ws.curated.exists()
+
+
+def test_yaml_bool_for_a_count_and_tiny_ratio_are_refused(tmp_path):
+    from cocoa.config import ConfigError
+    from cocoa.cli.data_scenes import ScenesConfig
+    from cocoa.curation.config import CurationConfig
+    from cocoa.curation.mix import RatioError, parse_ratio
+
+    for cls, data in ((ScenesConfig, {"train": True}), (CurationConfig, {"near": {"shingle": True}})):
+        with pytest.raises(ConfigError, match="whole number"):
+            cls.build(data)
+    with pytest.raises(RatioError, match="rounds to 0"):
+        parse_ratio("1e-400:1")
+    assert parse_ratio("0:1") == (0.0, 1.0)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--image-size", "100000"], "image_size"), (["--out", ""], "--out is empty"),
+    (["--contact-sheet", "."], "is a directory"),
+])
+def test_scenes_refuses_bad_flags_before_building(tmp_path, args, needle):
+    out = _err(_in_process("scenes", "--out", str(tmp_path / "s"), "--train", "2", "--eval-per-task", "1",
+                           "--distractors", "1", *args))
+    assert needle in out and not (tmp_path / "s").exists()
+
+
+def test_a_decompression_bomb_is_too_large_not_unreadable():
+    import io
+
+    from PIL import Image
+
+    from cocoa.curation.images import analyse_image
+
+    buf = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buf, format="PNG")  # 400 Mpixel: PIL refuses it as a bomb
+    info = analyse_image(buf.getvalue(), 40_000_000)
+    assert info.ok and (info.width, info.height) == (20000, 20000)

@@ -36,6 +36,8 @@ def curate(data: Path, eval_data: Path | None, progress: bool, config: CurationC
     con = console()
     result = run_curation(data, config, eval_data=eval_data, show_progress=progress, console=con)
     print_report(result.report, con)
+    for warning in result.report.get("warnings", []):
+        click.secho(f"warning: {warning}", fg="yellow", err=True)
     con.print(f"wrote {data / 'curated'} ({result.kept} rows), {data / 'curated' / 'rejected'} "
               f"({result.rejected} rows), {data / 'curated' / 'report.json'}")
 

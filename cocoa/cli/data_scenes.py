@@ -5,22 +5,61 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from ..config import Config, config_options
 from .common import console
 
 
+# Upper bounds: a typo (--image-size 100000) must fail at once, not be killed for memory an hour later.
+# Scenes are drawn at SUPERSAMPLE (2) x the side in RGBA, so a 2048 px image is ~67 MB while it is drawn.
+MAX_IMAGE_SIZE = 2048
+MAX_TRAIN = 100_000_000
+MAX_EVAL_PER_TASK = 1_000_000
+MAX_DISTRACTORS = 10_000  # MMEB uses 999; every query renders its candidates
+
+
 class ScenesConfig(Config):
     out: Path = Field(Path("data/scenes"), description="Output root: writes original/, eval/<Dataset>/ and benchmark.json")
-    train: int = Field(20000, ge=0, description="Number of training pairs (PairRecord) across the five tasks")
-    eval_per_task: int = Field(200, ge=0, description="Queries per evaluation dataset")
-    distractors: int = Field(999, ge=1, description="Distractor candidates per query (MMEB uses 999; VQA is capped at its answer vocabulary, classification ranks all labels)")
+    train: int = Field(20000, ge=0, le=MAX_TRAIN, description="Number of training pairs (PairRecord) across the five tasks")
+    eval_per_task: int = Field(200, ge=0, le=MAX_EVAL_PER_TASK, description="Queries per evaluation dataset")
+    distractors: int = Field(999, ge=1, le=MAX_DISTRACTORS, description="Distractor candidates per query (MMEB uses 999; VQA is capped at its answer vocabulary, classification ranks all labels)")
     seed: int = Field(0, description="Random seed; the same seed gives byte-identical images and records")
-    image_size: int = Field(112, ge=28, description="Image side in pixels (grounding crops are half of it, a multiple of 28)")
+    image_size: int = Field(112, ge=28, le=MAX_IMAGE_SIZE, description="Image side in pixels (grounding crops are half of it, a multiple of 28; at most 2048: scenes are drawn at twice the side)")
     datasets: list[str] = Field(default_factory=list, description="Evaluation datasets to build, comma-separated (default: all ten)")
     overwrite: bool = Field(False, description="Replace an existing benchmark under --out")
     contact_sheet: Path | None = Field(None, description="Also save a PNG grid of the first training images with their texts here")
+
+    @field_validator("train", "eval_per_task", "distractors", "seed", "image_size", mode="before")
+    @classmethod
+    def _v_strict_int(cls, value: object, info: ValidationInfo) -> object:
+        if isinstance(value, bool):  # YAML `train: true` is not a count (pydantic would read it as 1)
+            raise ValueError(f"expected a whole number, not {str(value).lower()}")
+        return value
+
+    @field_validator("out", "contact_sheet", mode="before")
+    @classmethod
+    def _v_path(cls, value: object, info: ValidationInfo) -> object:
+        if isinstance(value, str) and not value.strip():
+            flag = "--" + (info.field_name or "").replace("_", "-")
+            raise ValueError(f"{flag} is empty; name a path (an empty path would write into the current directory)")
+        return value
+
+
+def check_contact_sheet(path: Path) -> None:
+    """Refuse a --contact-sheet path that cannot be written, before the benchmark is built."""
+    import os
+
+    if path.is_dir():
+        raise click.UsageError(f"--contact-sheet {path} is a directory; name a PNG file such as {path / 'sheet.png'}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise click.UsageError(f"--contact-sheet {path}: {parent} is not a directory; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise click.UsageError(f"--contact-sheet {path} cannot be written (no write permission in {parent}); "
+                               "choose another path")
 
 
 @click.command("scenes")
@@ -44,6 +83,8 @@ def scenes(config: ScenesConfig) -> None:
     unknown = [d for d in config.datasets if d not in DATASETS]
     if unknown:
         raise click.UsageError(f"unknown --datasets {unknown}; known: {', '.join(DATASETS)}")
+    if config.contact_sheet:
+        check_contact_sheet(config.contact_sheet)
     con = console()
     with bar(unit="items", console=con, transient=False) as prog:
         tasks: dict[str, int] = {}

@@ -63,6 +63,9 @@ def find_eval_sources(path: str | Path, max_depth: int = 3) -> list[EvalSource]:
     if not path.exists():
         raise RecordError(f"--eval-data {path} does not exist; point it at an eval dataset, a root holding some, "
                           "or an MMEB-eval directory")
+    if not path.is_dir():
+        raise RecordError(f"--eval-data {path} is a file, not a directory; point it at an eval dataset directory, "
+                          "a root holding some (e.g. a scenes benchmark's eval/), or an MMEB-eval directory")
     found: list[EvalSource] = []
 
     def walk(p: Path, depth: int) -> None:
@@ -108,7 +111,26 @@ class EvalIndex:
     n_images: int = 0
     n_texts: int = 0
     unreadable: list[str] = field(default_factory=list)
+    problems: dict[str, int] = field(default_factory=dict)  # reason -> eval images/rows not used
     template_ngrams: int = 0
+
+    def problem(self, reason: str, message: str, n: int = 1) -> None:
+        self.problems[reason] = self.problems.get(reason, 0) + n
+        self.unreadable.append(message)
+
+    def usable(self) -> bool:
+        """Whether anything can be compared against: an eval image pHash or an eval text's n-grams."""
+        return len(self.image_hashes) > 0 or bool((self.text_ngrams > 0).any())
+
+    def warning(self) -> str | None:
+        """One line when eval images or rows could not be used (decontamination is weaker), else None."""
+        if not self.problems:
+            return None
+        top = sorted(self.problems.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+        return (f"decontamination is incomplete: {sum(self.problems.values())} eval images/rows could not be used "
+                f"({', '.join(f'{r} {n}' for r, n in top)}; e.g. {self.unreadable[0]}); {self.n_images} eval images "
+                f"and {int((self.text_ngrams > 0).sum())} eval texts were used. Fix the eval data and rerun to "
+                "decontaminate against all of it")
 
     def summary(self) -> dict:
         return {
@@ -118,6 +140,7 @@ class EvalIndex:
             "texts_seen": self.n_texts,
             "template_ngrams_ignored": self.template_ngrams,
             "unreadable_images": self.unreadable[:20],
+            "not_used": dict(sorted(self.problems.items())),
         }
 
 
@@ -155,7 +178,7 @@ def build_eval_index(path: str | Path, ngram: int, max_pixels: int, template_tex
                 try:
                     data = ref.read_bytes(d)
                 except CocoaError as e:
-                    idx.unreadable.append(str(e))
+                    idx.problem("image missing" if "is missing" in str(e) else "image unreadable", str(e))
                     continue
                 key = digest(data)
                 if ref.bytes is None:
@@ -169,12 +192,13 @@ def build_eval_index(path: str | Path, ngram: int, max_pixels: int, template_tex
                 if info.ok and info.phash:
                     hashes.append(info.phash)
                     idx.image_labels.append(label)
+                elif not info.ok:
+                    idx.problem("image cannot be decoded", info.error)
         if report is not None:
             summ = report.summary()
             skipped = summ.get("skipped") or {}
-            if skipped:
-                idx.unreadable.append(f"MMEB-eval {src.path}: rows skipped (not used for decontamination): "
-                                      + ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())))
+            for k, v in sorted(skipped.items()):
+                idx.problem(f"MMEB-eval rows skipped ({k})", f"MMEB-eval {src.path}: {v} rows skipped ({k})", int(v))
     idx.image_hashes = np.array(hashes, dtype=np.uint64)
     idx.n_images = sum(1 for v in seen_img.values() if v >= 0)
     idx.n_texts = len(texts)

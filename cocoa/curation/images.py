@@ -57,9 +57,29 @@ def _prepare(data: bytes, max_pixels: int, name: str) -> tuple[ImageInfo, np.nda
             im.draft("L", (2 * _N, 2 * _N))  # JPEG: decode at a reduced scale (no effect on PNG)
             small = im.convert("L").resize((_N, _N), Image.Resampling.LANCZOS)
             return ImageInfo(ok=True, width=w, height=h), np.asarray(small, dtype=np.float64)
+    except Image.DecompressionBombError:  # PIL refuses to open it at all: measure it without decoding
+        size = _size_only(data)
+        if size is not None:
+            return ImageInfo(ok=True, width=size[0], height=size[1], phash=0), None
+        return ImageInfo(ok=False, error=f"image {name} cannot be decoded (a decompression bomb of unknown size)"), None
     except Exception as e:  # PIL raises many types for corrupt data (and DecompressionBombError)
         msg = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the data", str(e))  # no memory addresses: stable output
         return ImageInfo(ok=False, error=f"image {name} cannot be decoded ({type(e).__name__}: {msg})"), None
+
+
+def _size_only(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of an image PIL refuses to open as a decompression bomb; nothing is decoded."""
+    from PIL import Image
+
+    saved = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = None  # only the header is read; the caller never decodes it
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except Exception:  # corrupt beyond its header
+        return None
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
 def phash_batch(pixels: np.ndarray) -> np.ndarray:

@@ -57,11 +57,23 @@ def parse_ratio(text: str) -> tuple[float, float]:
             raise RatioError(f"--ratio {text!r}: {p!r} is not a number (use e.g. 1:1, 0.5:1 or 1:0)") from None
         if not math.isfinite(v) or v < 0:
             raise RatioError(f"--ratio {text!r}: each side must be a number >= 0 (got {p}); use e.g. 1:1, 2:1 or 1:0")
+        if v == 0 and _nonzero(p):  # 1e-400 underflows to 0.0: it would silently switch that side off
+            raise RatioError(f"--ratio {text!r}: {p.strip()} is too small to be a ratio part (it rounds to 0, which "
+                             "leaves that side out); write 0 to leave a side out, or use e.g. 1:1000")
         vals.append(v)
     if vals[0] == 0 and vals[1] == 0:
         raise RatioError(f"--ratio {text!r} uses neither side; use e.g. 1:1, 1:0 (original only) or 0:1 "
                          "(synthetic only)")
     return vals[0], vals[1]
+
+
+def _nonzero(text: str) -> bool:
+    from decimal import Decimal, InvalidOperation
+
+    try:
+        return Decimal(text.strip()) != 0
+    except InvalidOperation:
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,6 +256,38 @@ def _curated_empty_hint(ws: Workspace) -> str:
         return f"{ws.curated} has no rows (see {ws.rejected})"
 
 
+def check_curated_current(ws: Workspace, synthetic: bool, original: bool) -> None:
+    """Refuse a ``curated/`` that was not made from the current ``synthetic/`` (its rows are mixed) and
+    ``original/`` (its decontamination rejections are left out of the original side).
+
+    ``curate`` records both inputs' content checksums in ``curated/``'s provenance; a later synth run, a
+    regenerated ``original/`` or a ``curated/`` copied from another workspace no longer match.
+    """
+    from ..shards import MANIFEST, read_manifest
+
+    if not (ws.curated / MANIFEST).is_file():
+        return
+    prov = read_manifest(ws.curated).provenance or {}
+    rerun = f"rerun `cocoa-data curate --data {ws.root}` (with the same --eval-data), then `cocoa-data mix`"
+    if "input" not in prov or "original" not in prov:
+        raise RecordError(f"{ws.curated} does not record the checksums of the synthetic/ and original/ it was made "
+                          f"from (written by an older cocoa or by hand), so it cannot be matched to them: {rerun}")
+    checks = ([("synthetic", ws.synthetic, prov.get("input"))] if synthetic else []) + (
+        [("original", ws.original, prov.get("original"))] if original else [])
+    for name, path, recorded in checks:
+        current = dataset_checksum(path) if (path / MANIFEST).is_file() else None
+        same = (recorded is None and current is None) or (
+            isinstance(recorded, dict) and current is not None
+            and recorded.get("content_sha256") == current["content_sha256"]
+            and recorded.get("record_type") == current["record_type"])
+        if not same:
+            was = "nothing" if recorded is None else f"{recorded.get('rows')} rows" if isinstance(recorded, dict) \
+                else "an unreadable record"
+            now = "nothing" if current is None else f"{current['rows']} rows"
+            raise RecordError(f"{ws.curated} was not made from the current {path} ({name} changed since "
+                              f"`cocoa-data curate` ran: it recorded {was}, now {now}, different content): {rerun}")
+
+
 def _run_mix(ws: Workspace, a: float, b: float, stratify: bool, upsample: bool, seed: int, show_progress: bool,
              console: Any) -> dict[str, Any]:
     from .output import check_replaceable, staged_output
@@ -259,6 +303,7 @@ def _run_mix(ws: Workspace, a: float, b: float, stratify: bool, upsample: bool, 
                            f"run `cocoa-data curate --data {ws.root}` first (it filters {ws.synthetic}); or mix "
                            "original pairs only with --ratio 1:0")
     check_replaceable(ws.mix, "cocoa-data mix")  # refuse a foreign mix/ before any work
+    check_curated_current(ws, synthetic=cur is not None, original=orig is not None)
     excluded = _excluded_originals(ws) if orig is not None else set()
 
     # candidates (light columns only), then the records actually taken

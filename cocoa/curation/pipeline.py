@@ -114,6 +114,13 @@ def _run_curation(ws: Workspace, cfg: CurationConfig, eval_data: str | Path | No
             t0 = time.perf_counter()
             eval_index = build_eval_index(eval_data, cfg.decontam.ngram, cfg.image.max_pixels,
                                           cfg.decontam.template_texts)
+            if not eval_index.usable():
+                top = sorted(eval_index.problems.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+                why = (f": {', '.join(f'{r} {n}' for r, n in top)} (e.g. {eval_index.unreadable[0]})"
+                       if top else ": no readable eval image and no eval text long enough to compare "
+                       f"({cfg.decontam.ngram} words)")
+                raise ShardError(f"--eval-data {eval_data} yields nothing to decontaminate against{why}; fix the "
+                                 "eval data (`cocoa-data inspect` it) or point --eval-data at another directory")
             timings["eval_index"] = round(time.perf_counter() - t0, 3)
         ctx = Context(cfg=cfg, df=df, words=words, eval_index=eval_index)
         steps_task = progress.add_task("rules", total=len(STEPS))
@@ -136,7 +143,9 @@ def _run_curation(ws: Workspace, cfg: CurationConfig, eval_data: str | Path | No
     keep_idx = np.flatnonzero(pd_isnull(reasons))
     rej_idx = np.flatnonzero(~pd_isnull(reasons))
     in_ck = dataset_checksum(ws.synthetic)
-    prov = {"stage": "curate", "input": in_ck, "config": cfg.model_dump(mode="json"),
+    # the checksums of both inputs: `mix` refuses a curated/ that was not made from the current ones
+    orig_ck = dataset_checksum(ws.original) if (ws.original / MANIFEST).is_file() else None
+    prov = {"stage": "curate", "input": in_ck, "original": orig_ck, "config": cfg.model_dump(mode="json"),
             "eval_data": None if eval_data is None else str(eval_data)}
     table = ds.table()
     kept = table.take(pa_indices(keep_idx))
@@ -151,6 +160,7 @@ def _run_curation(ws: Workspace, cfg: CurationConfig, eval_data: str | Path | No
         timings["write"] = round(time.perf_counter() - t0, 3)
         report = build_report(ws, df, ctx, cfg, eval_data, eval_index, orig_report, in_ck, keep_idx, rej_idx, n_images,
                          timings, t_start)
+        report["warnings"] = [w for w in [eval_index.warning() if eval_index is not None else None] if w]
         atomic_write_json(stage / "report.json", report)
     return CurationResult(report=report, kept=int(len(keep_idx)), rejected=int(len(rej_idx)) + len(orig_rows))
 
