@@ -146,6 +146,56 @@ class ImageRef(_Model):
         return digest(self.read_bytes(root))
 
 
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+
+
+def _png_expected_bytes(w: int, h: int, depth: int, color: int, interlace: int) -> int:
+    """Bytes of a PNG's decompressed IDAT stream (filter byte + packed pixels, per row of each pass)."""
+    bpp = _PNG_CHANNELS[color] * depth
+
+    def rows(pw: int, ph: int) -> int:
+        return 0 if pw == 0 or ph == 0 else ph * (1 + (pw * bpp + 7) // 8)
+
+    if not interlace:
+        return rows(w, h)
+    total = 0  # Adam7: (x0, y0, dx, dy) of the seven passes
+    for x0, y0, dx, dy in ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)):
+        total += rows((w - x0 + dx - 1) // dx if w > x0 else 0, (h - y0 + dy - 1) // dy if h > y0 else 0)
+    return total
+
+
+def _check_png_complete(data: bytes, name: str) -> None:
+    """Pillow's PNG decoder takes a zlib stream that ends early as the end of the image and pads the rest
+    (black): count the decompressed IDAT bytes (streamed, never held) against what the header needs."""
+    import struct
+    import zlib
+
+    pos, ihdr, d = 8, None, zlib.decompressobj()
+    got = 0
+    while pos + 8 <= len(data):
+        length, ctype = struct.unpack(">I4s", data[pos:pos + 8])
+        chunk = data[pos + 8:pos + 8 + length]
+        pos += 12 + length
+        if ctype == b"IHDR" and len(chunk) >= 13:
+            ihdr = struct.unpack(">IIBBBBB", chunk[:13])
+        elif ctype == b"IDAT":
+            buf = d.decompress(chunk, 1 << 20)
+            while True:
+                got += len(buf)
+                if not d.unconsumed_tail:
+                    break
+                buf = d.decompress(d.unconsumed_tail, 1 << 20)
+        elif ctype == b"IEND":
+            break
+    if ihdr is None or ihdr[3] not in _PNG_CHANNELS:
+        return  # Pillow read it; nothing to compare against
+    w, h, depth, color, _comp, _filt, interlace = ihdr
+    need = _png_expected_bytes(w, h, depth, color, interlace)
+    if got < need:
+        raise RecordError(f"image {name} is a truncated PNG: its pixel data holds {got} of the {need} bytes its "
+                          f"{w}x{h} header needs; it is corrupt (re-export or download it again)")
+
+
 def decode_image(data: bytes, name: str = "<image>", max_pixels: int = MAX_IMAGE_PIXELS) -> Any:
     """Decode image bytes to an RGB PIL image, with a clear error for corrupt or oversized input."""
     from PIL import Image
@@ -158,7 +208,9 @@ def decode_image(data: bytes, name: str = "<image>", max_pixels: int = MAX_IMAGE
                     f"image {name} is {w}x{h} = {w * h} pixels, above the limit of {max_pixels} "
                     "(decompression-bomb guard); downscale it or raise the limit"
                 )
-            im.load()
+            im.load()  # a full decode; ImageFile.LOAD_TRUNCATED_IMAGES is never set by cocoa
+            if im.format == "PNG":
+                _check_png_complete(data, name)
             if im.mode == "P" and "transparency" in im.info:
                 im = im.convert("RGBA")
             if im.mode in ("RGBA", "LA"):

@@ -450,3 +450,137 @@ def test_a_users_teacher_returning_unstorable_text_is_quarantined_with_its_reaso
     details = sorted(r.detail for r in q)
     assert any("not valid UTF-8" in d and "\\ud83d" in d for d in details)
     assert any("returned bytes, not text" in d for d in details)
+
+
+# -- audit A: damaged zip members, truncated PNGs, wrongly typed MMEB columns (C6, B5, B4, D19) -----------
+def _png(w, h, rows):
+    import struct
+    import zlib
+
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * (1 + 3 * w) * rows)) + chunk(b"IEND", b""))
+
+
+def _damaged_zip(path, good):
+    """A zip with one good member and three damaged ones: encrypted flag, bad deflate data, method 99."""
+    import zipfile
+
+    names = {k: f"images/ImageNet_1K/Train/z_{k}.png" for k in ("good", "encrypted", "baddeflate", "method99")}
+    with zipfile.ZipFile(path, "w") as z:
+        for k, n in names.items():
+            z.writestr(zipfile.ZipInfo(n), good, compress_type=zipfile.ZIP_DEFLATED)
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        for k in ("encrypted", "baddeflate", "method99"):
+            lh = z.getinfo(names[k]).header_offset
+            start = lh + 30 + int.from_bytes(raw[lh + 26:lh + 28], "little") + int.from_bytes(raw[lh + 28:lh + 30], "little")
+            if k == "baddeflate":
+                for i in range(2, 40):
+                    raw[start + i] ^= 0xFF
+            elif k == "encrypted":
+                raw[lh + 6] |= 1
+            else:
+                raw[lh + 8] = 99
+    pos = 0
+    while (pos := raw.find(b"PK\x01\x02", pos)) >= 0:  # the central directory entries too
+        name = bytes(raw[pos + 46:pos + 46 + int.from_bytes(raw[pos + 28:pos + 30], "little")]).decode()
+        if name.endswith("z_encrypted.png"):
+            raw[pos + 8] |= 1
+        if name.endswith("z_method99.png"):
+            raw[pos + 10] = 99
+        pos += 4
+    path.write_bytes(bytes(raw))
+    return names
+
+
+def test_damaged_zip_members_and_truncated_pngs_are_corrupt_image_skips(tmp_path):
+    from cocoa.sources.mmeb.images import ImageSource
+    from cocoa.sources.mmeb.report import _Skip
+
+    good = _png(32, 32, 32)
+    names = _damaged_zip(tmp_path / "i.zip", good)
+    src = ImageSource(zips=[tmp_path / "i.zip"])
+    assert src.image(names["good"])[0].bytes == good
+    for k in ("encrypted", "baddeflate", "method99"):
+        with pytest.raises(_Skip) as e:
+            src.read(names[k])
+        assert e.value.reason == "corrupt_image" and names[k] in e.value.detail, k
+    src.close()
+    # a PNG whose zlib stream ends after one row: Pillow pads the rest; cocoa refuses it
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "t.png").write_bytes(_png(300, 200, 1))
+    with pytest.raises(_Skip) as e:
+        ImageSource(dirs=[tmp_path / "d"]).image("t.png")
+    assert e.value.reason == "corrupt_image" and "truncated PNG" in e.value.detail
+    from PIL import ImageFile
+    assert not ImageFile.LOAD_TRUNCATED_IMAGES
+
+
+def test_mmeb_eval_damaged_zip_member_is_a_counted_skip(tmp_path):
+    from cocoa.sources.mmeb import SourceReport, iter_mmeb_eval
+    from cocoa.testing.mmeb import write_mmeb_eval_fixture
+
+    eroot = write_mmeb_eval_fixture(tmp_path / "eval", datasets=["ImageNet-1K"], n_per_dataset=2)
+    zips = list(eroot.rglob("*.zip"))
+    assert zips
+    import zipfile
+    z = zips[0]
+    with zipfile.ZipFile(z) as zf:
+        member = next(n for n in zf.namelist() if not n.endswith("/"))
+        info = zf.getinfo(member)
+    raw = bytearray(z.read_bytes())
+    lh = info.header_offset
+    start = lh + 30 + int.from_bytes(raw[lh + 26:lh + 28], "little") + int.from_bytes(raw[lh + 28:lh + 30], "little")
+    if info.compress_type == zipfile.ZIP_STORED:  # make it a deflate member holding garbage
+        raw[lh + 8] = 8
+        cd = raw.find(b"PK\x01\x02" , 0)
+        while cd >= 0:
+            if bytes(raw[cd + 46:cd + 46 + len(member)]) == member.encode():
+                raw[cd + 10] = 8
+            cd = raw.find(b"PK\x01\x02", cd + 4)
+    for i in range(0, 40):
+        raw[start + i] ^= 0xA5
+    z.write_bytes(bytes(raw))
+    rep = SourceReport()
+    list(iter_mmeb_eval(eroot, report=rep))  # no zlib.error traceback
+    assert rep.skipped.get("corrupt_image", 0) >= 1, rep.skipped
+
+
+@pytest.mark.parametrize("column,arr,word", [
+    ("pos_text", lambda pa, n: pa.array([{"x": 1}] * n), "dict"),
+    ("qry", lambda pa, n: pa.array(list(range(n)), pa.int64()), "int"),
+    ("qry_image_path", lambda pa, n: pa.array([["a", "b"]] * n), "list"),
+])
+def test_mmeb_wrongly_typed_text_column_is_quarantined_never_stringified(tmp_path, column, arr, word):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cocoa.sources.mmeb import SourceReport, iter_mmeb_train
+    from cocoa.testing.mmeb import write_mmeb_train_fixture
+
+    root = write_mmeb_train_fixture(tmp_path / "mmeb", subsets=["ImageNet_1K"], n_per_subset=2)
+    f = root / "ImageNet_1K" / "original-00000-of-00001.parquet"
+    t = pq.read_table(f)
+    pq.write_table(t.set_column(t.column_names.index(column), column, arr(pa, t.num_rows)), f)
+    rep = SourceReport()
+    assert list(iter_mmeb_train(root, report=rep)) == []
+    assert rep.skipped == {"wrong_type": t.num_rows}
+    d = rep.quarantine[0].detail
+    assert repr(column) in d and word in d and "missing_image" not in d
+
+
+def test_mmeb_null_text_stays_empty(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cocoa.sources.mmeb import SourceReport, iter_mmeb_train
+    from cocoa.testing.mmeb import write_mmeb_train_fixture
+
+    root = write_mmeb_train_fixture(tmp_path / "mmeb", subsets=["ImageNet_1K"], n_per_subset=2)
+    f = root / "ImageNet_1K" / "original-00000-of-00001.parquet"
+    t = pq.read_table(f)
+    pq.write_table(t.set_column(t.column_names.index("qry"), "qry", pa.array([None] * t.num_rows, pa.string())), f)
+    recs = list(iter_mmeb_train(root, report=SourceReport()))
+    assert recs and all(r.qry_text == "" for r in recs)

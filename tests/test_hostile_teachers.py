@@ -168,3 +168,108 @@ def test_local_backends_text_check_rejects_a_lone_surrogate():
     bad = checked_result("k", "half \ud83d emoji")
     assert bad.text is None and bad.error_kind == "rejected" and "\\ud83d" in bad.error and "offset 5" in bad.error
     bad.error.encode("utf-8")  # the quarantine row can be written
+
+
+# -- audit A: hostile answers and flags (C7, D16, D18, C10, D17, E22) --------------------------------
+def _body(content, usage=None):
+    return json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}],
+                       "usage": usage if usage is not None else {"prompt_tokens": 3, "completion_tokens": 2}})
+
+
+@pytest.mark.parametrize("raw,reason", [("[" * 100000, "invalid_json"), ("9" * 100000, "invalid_json"),
+                                        ('{"caption": ' + "[" * 100000 + "]" * 100000 + "}", None)])
+def test_parse_output_refuses_deep_or_huge_json_without_a_traceback(raw, reason):
+    from cocoa.datagen.schemas import OutputError, parse_output
+
+    with pytest.raises(OutputError) as e:
+        parse_output("caption", raw)
+    assert reason is None or e.value.reason == reason
+
+
+@pytest.mark.parametrize("body", ["[" * 100000, '{"choices": [{"message": {"content": "x"}}], "n": ' + "9" * 100000 + "}"])
+def test_deep_or_huge_body_is_not_a_chat_completion(server, image, body):
+    s = server(lambda n, d: (200, "application/json", body))
+    r = _teacher(s.url, http_retries=0).generate([_req(image)])[0]
+    assert r.text is None and r.error_kind == "unavailable" and "not a chat completion" in r.error
+
+
+@pytest.mark.parametrize("usage", [{"prompt_tokens": 1e999, "completion_tokens": -6000000},
+                                   {"prompt_tokens": 6e30, "completion_tokens": "many"},
+                                   {"prompt_tokens": float("nan"), "completion_tokens": True}])
+def test_absurd_token_counts_count_as_absent(server, image, usage):
+    body = json.dumps({"choices": [{"message": {"content": '{"caption": "a cube"}'}}], "usage": usage})
+    s = server(lambda n, d: (200, "application/json", body))
+    r = _teacher(s.url).generate([_req(image)])[0]
+    assert r.text == '{"caption": "a cube"}' and r.prompt_tokens == 0 and r.completion_tokens == 0
+
+
+def test_users_teacher_token_counts_are_checked_in_the_summary(tmp_path):
+    from cocoa.datagen.teachers.base import Teacher, TeacherResult
+
+    class Liar(Teacher):
+        backend, model, revision = "mine", "m", ""
+
+        def generate(self, requests):
+            return [TeacherResult(r.key, '{"caption": "A red cube in the middle."}', prompt_tokens=-6000000,
+                                  completion_tokens=10**40) for r in requests]
+
+    s = run_synth(SynthConfig(source="scenes", scenes_n=2, out=str(tmp_path / "o"), tasks=["caption"], progress=False),
+                  teacher=Liar())
+    assert s.complete and s.prompt_tokens == 0 and s.completion_tokens == 0
+
+
+@pytest.mark.parametrize("content,shown", [({"caption": "x"}, '{"caption": "x"}'), (42, "42"), (True, "true")])
+def test_non_string_content_is_rejected_with_what_was_sent(server, image, content, shown):
+    s = server(lambda n, d: (200, "application/json", _body(content)))
+    r = _teacher(s.url).generate([_req(image)])[0]
+    assert r.text is None and r.error_kind == "rejected" and shown in r.error and "not text" in r.error
+
+
+@pytest.mark.parametrize("status,headers,word", [(302, {"Location": "http://elsewhere/v1/chat/completions"}, "redirect"),
+                                                 (301, {}, "redirect")])
+def test_redirect_stops_the_run_saying_what_it_is(server, image, status, headers, word):
+    s = server(lambda n, d: (status, headers, b""))
+    with pytest.raises(TeacherError) as e:
+        _teacher(s.url).generate([_req(image)])
+    assert word in str(e.value) and "--base-url" in str(e.value) and "--model" not in str(e.value)
+
+
+def test_other_2xx_is_read_like_a_200(server, image):
+    s = server(lambda n, d: (203, "application/json", _ok('{"caption": "a cube"}')) if n == 1
+               else (204, "application/json", b""))
+    t = _teacher(s.url, http_retries=0)
+    assert t.generate([_req(image)])[0].text == '{"caption": "a cube"}'
+    r = t.generate([_req(image)])[0]
+    assert r.error_kind == "unavailable" and "HTTP 204" in r.error and "--model" not in r.error
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999/v1", "http://[::1", "ftp://127.0.0.1/x", "127.0.0.1:8000/v1",
+                                 "http:///v1", "http://a b/v1"])
+def test_malformed_base_url_is_one_line_before_any_output(tmp_path, url):
+    from click.testing import CliRunner
+
+    from cocoa.cli.data import cli
+
+    out = tmp_path / "o"
+    res = CliRunner().invoke(cli, ["synth", "--source", "scenes", "--scenes-n", "2", "--backend", "openai",
+                                   "--model", "m", "--out", str(out), "--base-url", url])
+    assert res.exit_code != 0 and "--base-url" in res.output and "Traceback" not in res.output, res.output
+    assert not isinstance(res.exception, Exception) or isinstance(res.exception, SystemExit)
+    assert not out.exists()
+    with pytest.raises(TeacherError, match="--base-url"):
+        OpenAITeacher(url, "m")
+
+
+@pytest.mark.parametrize("flags,word", [(["--model", ""], "--model"), (["--model", "  "], "--model"),
+                                        (["--temperature", "inf"], "temperature"),
+                                        (["--temperature", "nan"], "temperature"),
+                                        (["--max-tokens", "99999999999"], "max_tokens")])
+def test_empty_model_and_absurd_sampling_flags_are_refused(tmp_path, flags, word):
+    from click.testing import CliRunner
+
+    from cocoa.cli.data import cli
+
+    out = tmp_path / "o"
+    res = CliRunner().invoke(cli, ["synth", "--source", "scenes", "--scenes-n", "2", "--backend", "openai",
+                                   "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--out", str(out), *flags])
+    assert res.exit_code != 0 and word in res.output and not out.exists(), res.output

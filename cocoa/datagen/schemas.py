@@ -132,8 +132,14 @@ def parse_output(task: str, raw: str, k: int = 3) -> BaseModel:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise OutputError("invalid_json", f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise OutputError("invalid_json", "not usable JSON (nested too deeply to read)") from None
+    except ValueError as e:  # e.g. an integer longer than Python's int max str digits
+        raise OutputError("invalid_json", f"not usable JSON ({str(e)[:200]})") from None
     try:
         return output_model(task, k).model_validate(data)
+    except RecursionError:
+        raise OutputError("schema", "output: nested too deeply to validate") from None
     except ValidationError as e:
         errs = []
         for err in e.errors()[:3]:

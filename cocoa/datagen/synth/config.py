@@ -13,6 +13,7 @@ from ..teachers.base import Sampling
 WRITER = "cocoa-data synth"  # the writer named in the provenance of every dataset this command writes
 DEFAULT_TEACHER = "Qwen/Qwen2.5-VL-7B-Instruct"
 SCENES_TEACHER = "cocoa/scenes-teacher"
+MAX_NEW_TOKENS = 1_000_000  # --max-tokens above this is a typo, not a request
 VLLM_MAX_PIXELS = 1003520  # 1280 * 28 * 28: ~1280 visual tokens for Qwen2/2.5-VL
 #: Defaults of --max-tokens / --max-retries per backend. The transformers teacher runs on the local
 #: device (often a CPU for a first try): 768 tokens x 3 attempts took 13 min for 24 requests there.
@@ -73,9 +74,9 @@ class SynthConfig(Config):
     max_retries: int | None = Field(None, ge=0, description="Retries (new seed) of output that fails validation, then "
                                     "quarantine (default per backend: 2; transformers 1)")
     max_unavailable: int = Field(16, ge=1, description="Stop after this many requests in a row fail to be served")
-    temperature: float = Field(0.7, ge=0, description="Sampling temperature")
-    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling")
-    max_tokens: int | None = Field(None, ge=1, description="Max new tokens per output (default per backend: 768; "
+    temperature: float = Field(0.7, ge=0, allow_inf_nan=False, description="Sampling temperature")
+    top_p: float = Field(0.9, gt=0, le=1, allow_inf_nan=False, description="Nucleus sampling")
+    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS, description="Max new tokens per output (default per backend: 768; "
                                    "transformers 256, enough for a caption or 3 QA pairs and quick on a CPU; raise it "
                                    "for long captions or a larger --qa-per-image)")
     seed: int = Field(0, description="Base seed (per-request seeds derive from it and the request key)")
@@ -103,6 +104,16 @@ class SynthConfig(Config):
             raise ValueError(f"shard_index {self.shard_index} must be < num_shards {self.num_shards}")
         if not self.tasks:
             raise ValueError("tasks is empty; give caption, qa or both")
+        needs_model = self.backend in ("vllm", "openai", "transformers") or (
+            self.backend == "auto" and self.source != "scenes")
+        if needs_model and self.model is not None and not self.model.strip():
+            raise ValueError(f"--model is empty; give the teacher model (e.g. --model {DEFAULT_TEACHER})")
+        if self.base_url is not None:  # checked before any output exists
+            from ..teachers.openai import base_url_problem
+
+            problem = base_url_problem(self.base_url)
+            if problem:
+                raise ValueError(problem)
         return self
 
     def resolved_max_tokens(self, backend: str | None = None) -> int:

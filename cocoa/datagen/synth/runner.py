@@ -15,7 +15,8 @@ from ...prompts import PromptLibrary
 from ...records import QuarantineRecord, RecordError, canonical_json, digest
 from ...shards import Workspace
 from ..schemas import OutputError, json_schema, parse_output, schema_hash
-from ..teachers.base import Teacher, TeacherError, TeacherRequest, TeacherResult, checked_result, text_problem
+from ..teachers.base import (Teacher, TeacherError, TeacherRequest, TeacherResult, checked_result, text_problem,
+                             token_count)
 from .config import WRITER, SynthConfig, vllm_available
 from .outputs import (
     PartWriters,
@@ -264,8 +265,8 @@ class Synthesizer:
         retry: list[Planned] = []
         for p, r in zip(batch, results):
             s = self.summary
-            s.prompt_tokens += r.prompt_tokens
-            s.completion_tokens += r.completion_tokens
+            s.prompt_tokens += token_count(r.prompt_tokens)  # a user's teacher's counts are checked too
+            s.completion_tokens += token_count(r.completion_tokens)
             if r.text is None:
                 if r.error_kind == "rejected":
                     self._consecutive_unavailable = 0

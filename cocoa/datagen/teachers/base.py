@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -90,6 +91,19 @@ def text_problem(text: str) -> str | None:
     except UnicodeEncodeError as e:
         return f"character {e.object[e.start:e.end]!a} at offset {e.start} is not valid UTF-8 ({e.reason})"
     return None
+
+
+MAX_TOKEN_COUNT = 10**9  # far above any context window: a larger count is not a real one
+
+
+def token_count(v: Any) -> int:
+    """A token count a server or teacher reported, as an int; anything that is not a whole number in
+    0..MAX_TOKEN_COUNT (negative, NaN, infinite, 1e30, a string, a bool) counts as absent (0)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return 0
+    if isinstance(v, float) and not (math.isfinite(v) and v.is_integer()):
+        return 0
+    return int(v) if 0 <= v <= MAX_TOKEN_COUNT else 0
 
 
 def printable(text: str, limit: int = 2000) -> str:

@@ -19,7 +19,10 @@ logged, printed or stored in outputs. What each answer becomes:
 - HTTP 408/409/425/429/5xx, connection errors, and no complete answer within ``timeout`` seconds: retried.
   ``timeout`` is a total deadline per attempt (connect + send + the whole body), so a server trickling
   one byte at a time cannot stretch it.
-- HTTP 401/403/404: the run stops at once (wrong key, URL or model).
+- HTTP 401/403/404: the run stops at once (wrong key, URL or model); so does a redirect (3xx: cocoa does
+  not follow one; the message names where it points) or a status below 200. Any other 2xx is read like a 200.
+- Token counts in ``usage`` that are not whole numbers in 0..1e9 count as absent (0); a ``message.content``
+  that is JSON but not a string is a ``rejected`` result keeping what was sent.
 - Other 4xx: a per-request rejection (quarantined with the server's message) -- unless the server gives
   the *same* answer to ``max_identical_rejections`` requests in a row with no success in between (e.g.
   ``transformers serve`` answering 400 "Server is pinned to ..." for a wrong ``--model``): that is not
@@ -37,10 +40,41 @@ from collections.abc import Sequence
 from typing import Any
 
 from .base import (Teacher, TeacherError, TeacherRequest, TeacherResult, TeacherSystematicError, chat_messages,
-                   data_url, printable, text_problem)
+                   data_url, printable, text_problem, token_count)
 
 RETRY_STATUS = frozenset({408, 409, 425, 429})
 FATAL_STATUS = {401: "unauthorized", 403: "forbidden", 404: "not found"}
+
+
+def base_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be an OpenAI-compatible server's base URL (one line naming --base-url), or None."""
+    import urllib.parse
+
+    import httpx
+
+    shown = printable(str(url), 200)
+    fix = "give the server's URL, e.g. --base-url http://127.0.0.1:8000/v1"
+    if not isinstance(url, str) or not url.strip():
+        return f"--base-url is empty; {fix}"
+    if any(c.isspace() or ord(c) < 32 for c in url):
+        return f"--base-url {shown!r} contains whitespace or a control character; {fix}"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port  # ValueError when not a number in 0..65535
+    except ValueError as e:
+        return f"--base-url {shown!r} is not a valid URL ({e}); {fix}"
+    if parts.scheme.lower() not in ("http", "https"):
+        what = f"its scheme is {parts.scheme!r}" if parts.scheme else "it has no scheme"
+        return f"--base-url {shown!r}: {what}, and only http:// and https:// are served; {fix}"
+    if not parts.hostname:
+        return f"--base-url {shown!r} has no host; {fix}"
+    if port is not None and not 0 < port <= 65535:
+        return f"--base-url {shown!r}: port {port} is not in 1..65535; {fix}"
+    try:
+        httpx.URL(url.rstrip("/") + "/chat/completions")
+    except Exception as e:  # httpx.InvalidURL and friends
+        return f"--base-url {shown!r} is not a valid URL ({e}); {fix}"
+    return None
 
 
 class OpenAITeacher(Teacher):
@@ -64,6 +98,9 @@ class OpenAITeacher(Teacher):
     ) -> None:
         if structured not in ("auto", "json_schema", "vllm", "none"):
             raise TeacherError(f"structured must be auto, json_schema, vllm or none, not {structured!r}")
+        problem = base_url_problem(base_url)
+        if problem:
+            raise TeacherError(problem)
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.revision = revision
@@ -174,8 +211,14 @@ class OpenAITeacher(Teacher):
                 last = f"cannot reach {self.url} ({type(e).__name__}: {e})"
             else:
                 status = resp.status_code
-                if status == 200:
-                    result = self._parse(r, resp.content, attempts)
+                if 300 <= status < 400 or status < 200:
+                    where = resp.headers.get("location")
+                    what = (f"a redirect{' to ' + printable(where, 300) if where else ''}; cocoa does not follow "
+                            "redirects: give the URL the server points to as --base-url (…/v1)"
+                            if status >= 300 else "not a final answer of an HTTP server; check --base-url")
+                    raise TeacherError(f"{self.url} answered HTTP {status} ({what})")
+                if 200 <= status < 300:  # 200, or another 2xx whose body must still be a chat completion
+                    result = self._parse(r, resp.content, attempts, status)
                     if isinstance(result, TeacherResult):
                         self._served()
                         return result
@@ -198,8 +241,8 @@ class OpenAITeacher(Teacher):
         return TeacherResult(r.key, None, error=f"{last} (after {attempts} attempts)", error_kind="unavailable",
                              transport_attempts=attempts)
 
-    def _parse(self, r: TeacherRequest, raw: bytes, attempts: int) -> TeacherResult | str:
-        """The result of an HTTP 200, or (a str) why the body is not a chat completion (transient)."""
+    def _parse(self, r: TeacherRequest, raw: bytes, attempts: int, status: int = 200) -> TeacherResult | str:
+        """The result of an HTTP 2xx, or (a str) why the body is not a chat completion (transient)."""
         try:
             body, bad_bytes = raw.decode("utf-8"), None
         except UnicodeDecodeError as e:
@@ -207,20 +250,25 @@ class OpenAITeacher(Teacher):
         try:
             data = json.loads(body)
             content = data["choices"][0]["message"].get("content")
-        except (json.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError) as e:
+        except (ValueError, RecursionError, KeyError, IndexError, TypeError, AttributeError) as e:
+            # ValueError: bad JSON or an integer too long to read; RecursionError: nested too deeply
             what = "an empty body" if not body.strip() else f"{type(e).__name__}"
-            return (f"HTTP 200 from {self.url} is not a chat completion ({what}; a proxy or gateway answering?): "
+            return (f"HTTP {status} from {self.url} is not a chat completion ({what}; a proxy or gateway answering?): "
                     f"{printable(body, 300)!r}")
         if isinstance(content, list):  # some servers return content parts
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
         text = content if isinstance(content, str) else ""
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-        tokens = {}
-        for k in ("prompt_tokens", "completion_tokens"):
+        # a count that is not a whole number in 0..1e9 (negative, 1e999, "many") counts as absent
+        tokens = {k: token_count(usage.get(k)) for k in ("prompt_tokens", "completion_tokens")}
+        if content is not None and not isinstance(content, str):  # {"caption": ...}, 42, true: not text, kept as sent
             try:
-                tokens[k] = int(usage.get(k) or 0)
-            except (TypeError, ValueError):
-                tokens[k] = 0
+                sent = json.dumps(content, ensure_ascii=False)
+            except (ValueError, RecursionError):
+                sent = body
+            return TeacherResult(r.key, None, error=f"the answer's message.content is a JSON {type(content).__name__}, "
+                                 f"not text: {printable(sent)}",
+                                 error_kind="rejected", transport_attempts=attempts, **tokens)
         problem = (f"the HTTP body has invalid {bad_bytes}, shown as U+FFFD" if bad_bytes and "\ufffd" in text
                    else text_problem(text))
         if problem:

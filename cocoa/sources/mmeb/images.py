@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import io
+import lzma
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 from ...errors import CocoaError
@@ -104,8 +106,12 @@ class ImageSource:
                         raise _Skip("image_too_large", f"zip member {z.name}:{n} is {info.file_size} bytes uncompressed")
                     try:
                         return zf.read(n)
-                    except (zipfile.BadZipFile, OSError, EOFError) as e:
-                        raise _Skip("corrupt_image", f"zip member {z.name}:{n} cannot be read ({e})") from None
+                    # a damaged member raises many types: BadZipFile (CRC), zlib.error / lzma.LZMAError / EOFError
+                    # (bad compressed data), RuntimeError (encrypted), NotImplementedError (unknown method)
+                    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError, ValueError,
+                            zlib.error, lzma.LZMAError) as e:
+                        raise _Skip("corrupt_image", f"zip member {z.name}:{n} cannot be read "
+                                                     f"({type(e).__name__}: {e})") from None
         for d in self.dirs:
             for n in names:
                 try:

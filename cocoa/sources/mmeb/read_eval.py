@@ -98,8 +98,8 @@ def iter_mmeb_eval(
 
 def _eval_record(row: dict[str, Any], info: MMEBDataset, images: ImageSource, cache: dict[str, ImageRef],
                  keep: ImageStore, meta: dict[str, Any], report: SourceReport) -> EvalRecord:
-    def img(path: Any) -> ImageRef | None:
-        p = _opt_str(path)
+    def img(path: Any, column: str) -> ImageRef | None:
+        p = _opt_str(path, column)
         if not p:
             return None
         if p not in cache:
@@ -114,15 +114,21 @@ def _eval_record(row: dict[str, Any], info: MMEBDataset, images: ImageSource, ca
         texts = [texts]
     if isinstance(paths, str):
         paths = [paths]
-    texts = [_opt_str(t) for t in texts or []]
+    for column, v in (("tgt_text", texts), ("tgt_img_path", paths)):
+        if v is not None and not isinstance(v, list):
+            raise _Skip("wrong_type", f"column {column!r} holds a {type(v).__name__} value ({str(v)[:80]!r}), "
+                                      "not a list of strings; fix the file")
+    texts = [_opt_str(t, "tgt_text") for t in texts or []]
     paths = list(paths or [])
     if len(paths) != len(texts):
         raise _Skip("invalid_row", f"tgt_text has {len(texts)} entries but tgt_img_path has {len(paths)}")
-    qry_image = img(row["qry_img_path"])
-    tgt_images = [img(p) for p in paths]
+    qry_text = _opt_str(row["qry_text"], "qry_text")
+    qry_path = _opt_str(row["qry_img_path"], "qry_img_path")
+    qry_image = img(qry_path, "qry_img_path")
+    tgt_images = [img(p, "tgt_img_path") for p in paths]
     try:
-        return EvalRecord(dataset=info.name, meta_task=info.meta_task, split=info.split, qry_text=_opt_str(row["qry_text"]),
+        return EvalRecord(dataset=info.name, meta_task=info.meta_task, split=info.split, qry_text=qry_text,
                           qry_image=qry_image, tgt_texts=texts, tgt_images=tgt_images,
-                          meta={**meta, "qry_img_path": _opt_str(row["qry_img_path"])})
+                          meta={**meta, "qry_img_path": qry_path})
     except Exception as e:
         raise _Skip("invalid_row", f"not a usable evaluation row ({_pydantic_msg(e)})") from None

@@ -131,20 +131,21 @@ def _train_rows(source: str | Path, root: Path, local: bool, configs: dict[str, 
 
 def _train_record(row: dict[str, Any], subset: str, images: ImageSource, meta: dict[str, Any],
                   report: SourceReport) -> PairRecord:
-    def img(path: Any) -> ImageRef | None:
-        p = _opt_str(path)
+    def img(column: str) -> ImageRef | None:
+        p = _opt_str(row.get(column), column)
         if not p:
             return None
         ref, conv = images.image(p)
         report.converted += conv
         return ref
 
-    qry_image, pos_image = img(row["qry_image_path"]), img(row["pos_image_path"])
-    neg_text = _opt_str(row.get("neg_text")) or None
-    neg_image = img(row.get("neg_image_path"))
+    qry_text, pos_text = _opt_str(row["qry"], "qry"), _opt_str(row["pos_text"], "pos_text")
+    neg_text = _opt_str(row.get("neg_text"), "neg_text") or None
+    qry_image, pos_image = img("qry_image_path"), img("pos_image_path")
+    neg_image = img("neg_image_path")
     try:
-        return PairRecord(source=subset, qry_text=_opt_str(row["qry"]), qry_image=qry_image,
-                          pos_text=_opt_str(row["pos_text"]), pos_image=pos_image, neg_text=neg_text,
+        return PairRecord(source=subset, qry_text=qry_text, qry_image=qry_image,
+                          pos_text=pos_text, pos_image=pos_image, neg_text=neg_text,
                           neg_image=neg_image, meta=meta)
     except Exception as e:
         raise _Skip("invalid_row", f"not a usable pair ({_pydantic_msg(e)})") from None

@@ -168,10 +168,17 @@ def _hub_image_source(repo: str, filename: str, image_dir: Path | None) -> Image
     return ImageSource(zips=[Path(z)])
 
 
-def _opt_str(v: Any) -> str:
+def _opt_str(v: Any, column: str = "text") -> str:
+    """A text value: ``str`` as it is, bytes decoded strictly, null -> ``""``; any other type (a struct, a
+    number, a list) raises :class:`_Skip` (reason ``wrong_type``) naming the column -- never stringified."""
     if isinstance(v, (bytes, bytearray)):  # never the repr "b'...'": rows are decoded by decode_row first
-        return _decode_text(v, "text")
-    return "" if v is None else str(v)
+        return _decode_text(v, column)
+    if v is None:
+        return ""
+    if isinstance(v, str):
+        return v
+    raise _Skip("wrong_type", f"column {column!r} holds a {type(v).__name__} value ({str(v)[:80]!r}), not text; "
+                              "fix the file so the column is a string column")
 
 
 def kept_rows(rows: Iterator[tuple[Any, int, dict[str, Any]]], config: str, *, source: str | Path, local: bool,
