@@ -53,7 +53,8 @@ class Config(BaseModel):
         try:
             return cls.model_validate(merged)
         except ValidationError as e:
-            raise ConfigError(f"{where}: {format_validation_error(e)}") from None
+            msg = format_validation_error(e)
+            raise ConfigError(f"{where}: {msg}" if where else msg) from None
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -66,7 +67,10 @@ def format_validation_error(e: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             parts.append(f"unknown key {loc!r} (check its spelling; `--help` lists the settings)")
         else:
-            parts.append(f"{loc}: {err['msg']}")
+            msg = str(err["msg"])
+            if msg.startswith("Value error, "):  # our own validators' messages already name the flag
+                msg = msg[len("Value error, "):]
+            parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts)
 
 
@@ -148,7 +152,7 @@ def config_options(cls: type[Config], skip: tuple[str, ...] = ()):  # type: igno
             if cfg_file:
                 config = cls.from_yaml(cfg_file, overrides)
             else:
-                config = cls.build({}, overrides, where="options")
+                config = cls.build({}, overrides, where="")
             return fn(*args, config=config, **kwargs)
 
         for path, tp, field in reversed(leaves):
