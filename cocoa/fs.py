@@ -45,6 +45,11 @@ class LockedError(CocoaError):
     """Another cocoa process holds the directory's lock."""
 
 
+class NotWritableError(LockedError):
+    """The directory's lock file cannot be created: the directory is not writable (permissions, a read-only
+    filesystem, a file in the way)."""
+
+
 class NotOwnedError(CocoaError):
     """A directory cocoa was asked to delete is not one cocoa made."""
 
@@ -139,7 +144,7 @@ def exclusive_lock(directory: str | Path, *, name: str = LOCK, what: str = "") -
         directory.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:  # permissions, a read-only filesystem (EROFS), a full disk, a file in the way, ...
-        raise LockedError(
+        raise NotWritableError(
             f"{directory} is not writable (cannot create its lock file {name}: {e.strerror or e}); a command that "
             "writes there needs a writable directory: fix the permissions or mount, or choose another directory"
         ) from None

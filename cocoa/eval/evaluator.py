@@ -243,12 +243,13 @@ def evaluate(model: str | Path | Any, benchmark: str = "scenes", *, data: str | 
     out_dir = Path(out) if out else model_dir / f"eval-{benchmark}"
     with contextlib.ExitStack() as held:
         if write and rank == 0:  # one writer per report directory: two runs would mix their json/md/png
-            from ..fs import exclusive_lock
+            from ..fs import NotWritableError, exclusive_lock
 
             try:
                 held.enter_context(exclusive_lock(out_dir, name=REPORT_LOCK, what=f"another cocoa-eval writes {out_dir}:"))
-            except OSError as e:  # read-only model directory (a hub snapshot), a file in the way, ...
-                raise EvalError(f"cannot write the reports to {out_dir} ({e.strerror or e}); pass --out DIR "
+            except (OSError, NotWritableError) as e:  # read-only model dir (a hub snapshot), a file in the way, ...
+                why = getattr(e, "strerror", None) or e
+                raise EvalError(f"cannot write the reports to {out_dir} ({why}); pass --out DIR "
                                 "(a writable directory); from Python, evaluate(..., write=False) writes nothing") from None
         return _evaluate(
             t0=t0, rank=rank, world=world, local_rank=local_rank, embedder=embedder, model_dir=model_dir, spec=spec,
