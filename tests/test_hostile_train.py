@@ -380,3 +380,168 @@ def test_unknown_lora_target_modules_is_one_line(ws, tiny_model_dir, tmp_path):
                          "--lora-target-modules", "no_such_proj"))
     _one_clean_line(r)
     assert "--lora-target-modules no_such_proj" in r.output and "q_proj" in r.output, r.output
+
+
+# ---------------------------------------------------------------------------------------------------
+# audit B (train): foreign config.yaml, moved runs, damaged / edited / foreign checkpoints, divergence,
+# damaged model directories, absurd numbers
+# ---------------------------------------------------------------------------------------------------
+def test_a_users_dir_with_any_config_yaml_is_never_overwritten_or_written_into(tmp_path):
+    from cocoa.train.config import TrainConfig
+    from cocoa.train.preflight import TrainError
+    from cocoa.train.run_dir import check_out_dir, prepare_run_dir
+
+    for text in ("", "seed: 1\n", "stages: '3'\n", "# my notes\n"):
+        proj = tmp_path / f"proj{len(text)}"
+        (proj / "src").mkdir(parents=True)
+        (proj / "src" / "notes.py").write_text("precious")
+        (proj / "config.yaml").write_text(text)
+        for overwrite in (True, False):
+            cfg = TrainConfig.build({"out": str(proj), "overwrite": overwrite})
+            with pytest.raises(TrainError, match="not a cocoa-train run directory"):
+                check_out_dir(cfg)
+            with pytest.raises(TrainError, match="not a cocoa-train run directory"):
+                prepare_run_dir(cfg, True)
+        assert (proj / "src" / "notes.py").read_text() == "precious" and (proj / "config.yaml").read_text() == text
+    # a full cocoa-train config.yaml next to a user's own file is not a run either
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "config.yaml").write_text(TrainConfig.build({"out": str(mixed)}).to_yaml())
+    (mixed / "thesis.tex").write_text("keep")
+    with pytest.raises(TrainError):
+        check_out_dir(TrainConfig.build({"out": str(mixed), "overwrite": True}))
+    assert (mixed / "thesis.tex").exists()
+
+
+def test_a_moved_run_continues_under_its_new_out(tmp_path):
+    from cocoa.train.config import TrainConfig, resolve_preset
+    from cocoa.train.run_dir import prepare_run_dir
+
+    out = tmp_path / "run"
+    prepare_run_dir(resolve_preset(TrainConfig.build({"out": str(out), "preset": "tiny"})), True)
+    (out / "stage1" / "checkpoints" / "step-00000002").mkdir(parents=True)
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    prepare_run_dir(resolve_preset(TrainConfig.build({"out": str(moved), "preset": "tiny"})), True)
+
+
+@pytest.fixture(scope="module")
+def ckpt_run(ws, tiny_model_dir, tmp_path_factory):
+    """A stage-3 run of 4 steps with checkpoints at steps 2 and 4."""
+    out = tmp_path_factory.mktemp("ckpt-run") / "run"
+    r = _invoke(_s3_args(ws, tiny_model_dir, out, "--stage3-steps", "4", "--stage3-save-every", "2"))
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def _interrupted_copy(run: Path, dest: Path) -> Path:
+    """``run`` as if killed after its step-2 checkpoint."""
+    shutil.copytree(run, dest)
+    for p in ("model", "summary.json", "loss.png", "checkpoints/step-00000004"):
+        q = dest / "stage3" / p
+        shutil.rmtree(q) if q.is_dir() else q.unlink(missing_ok=True)
+    return dest
+
+
+def test_edited_or_damaged_checkpoint_is_one_line_naming_the_file(ckpt_run, ws, tiny_model_dir, tmp_path,
+                                                                    one_thread):
+    cases = {
+        "step 99": ("state.json", lambda f: f.write_text(f.read_text().replace('"step": 2', '"step": 99')), "outside 1..4"),
+        "step -3": ("state.json", lambda f: f.write_text(f.read_text().replace('"step": 2', '"step": -3')), "outside 1..4"),
+        "step 4": ("state.json", lambda f: f.write_text(f.read_text().replace('"step": 2', '"step": 4')), "step-00000002"),
+        "step two": ("state.json", lambda f: f.write_text(f.read_text().replace('"step": 2', '"step": "two"')), "'two'"),
+        "cut state": ("state.json", lambda f: f.write_text('{"step": '), "not valid JSON"),
+        "cut optimizer": ("optimizer.pt", lambda f: os.truncate(f, 100), "optimizer"),
+        "cut weights": ("weights.safetensors", lambda f: os.truncate(f, 100), "weights"),
+        "cut rng": ("rng-rank0.pt", lambda f: os.truncate(f, 10), "random state"),
+        "cut scheduler": ("scheduler.pt", lambda f: os.truncate(f, 10), "scheduler"),
+    }
+    for i, (name, (fname, damage, words)) in enumerate(cases.items()):
+        run = _interrupted_copy(ckpt_run, tmp_path / f"r{i}")
+        f = run / "stage3" / "checkpoints" / "step-00000002" / fname
+        damage(f)
+        r = _invoke(_s3_args(ws, tiny_model_dir, run, "--stage3-steps", "4", "--stage3-save-every", "2"))
+        _one_clean_line(r)
+        text = " ".join(r.output.split())
+        assert str(f) in text and "damaged" in text and words in text and "--overwrite" in text, (name, text)
+        assert not (run / "stage3" / "model").exists(), name
+
+
+def test_resume_from_another_runs_checkpoint_names_the_differing_settings(ckpt_run, ws, tiny_model_dir, tmp_path,
+                                                                          one_thread):
+    ck = ckpt_run / "stage3" / "checkpoints" / "step-00000002"
+    r = _invoke(_s3_args(ws, tiny_model_dir, tmp_path / "rx", "--stage3-steps", "4", "--stage3-lr", "0.01",
+                         "--seed", "5", "--resume", str(ck)))
+    _one_clean_line(r)
+    text = " ".join(r.output.split())
+    assert "--stage3-lr was 0.0003, now 0.01" in text and "--seed was 0, now 5" in text, text
+    assert not (tmp_path / "rx" / "stage3" / "model").exists()
+    # with the same settings (another --out) it resumes
+    r = _invoke(_s3_args(ws, tiny_model_dir, tmp_path / "ry", "--stage3-steps", "4", "--resume", str(ck)))
+    assert r.exit_code == 0 and "at step 2" in r.output, r.output
+
+
+def test_non_finite_settings_are_refused_and_a_diverging_loss_stops_without_saving(ws, tiny_model_dir, tmp_path,
+                                                                                 monkeypatch, one_thread):
+    for flags in (["--stage3-lr", "inf"], ["--stage3-lr", "1e30"], ["--stage3-weight-decay", "inf"],
+                  ["--stage3-lr", "nan"]):
+        r = _invoke(_s3_args(ws, tiny_model_dir, tmp_path / "bad", *flags))
+        assert r.exit_code == 2 and "Traceback" not in r.output and "stage3." in r.output, (flags, r.output)
+    y = tmp_path / "c.yaml"
+    y.write_text("stage3: {lr: .inf}\n")
+    r = _invoke(_s3_args(ws, tiny_model_dir, tmp_path / "bad", "--config", str(y)))
+    assert r.exit_code == 2 and "finite" in r.output, r.output
+    assert not (tmp_path / "bad").exists()
+    import cocoa.train.method as M
+
+    monkeypatch.setattr(M, "stage3_step", lambda *a, **k: (float("nan"), {}, 1, 1))
+    r = _invoke(_s3_args(ws, tiny_model_dir, tmp_path / "nan"))
+    _one_clean_line(r)
+    assert "stage 3 step 1: training diverged (loss nan" in " ".join(r.output.split()), r.output
+    assert not (tmp_path / "nan" / "stage3" / "model").exists()
+    assert not (tmp_path / "nan" / "stage3" / "checkpoints").exists()
+
+
+def test_damaged_model_directory_is_one_line_naming_it(ws, tiny_model_dir, tmp_path):
+    from cocoa.errors import CocoaError
+    from cocoa.model.wrapper import CocoaModel
+    from cocoa.train.config import TrainConfig
+    from cocoa.train.preflight import TrainError, check_model
+
+    cfg = TrainConfig.build({"stages": "3"})
+
+    def copy(name: str) -> Path:
+        d = tmp_path / name
+        shutil.copytree(tiny_model_dir, d)
+        return d
+
+    d = copy("list")
+    (d / "config.json").write_text("[1, 2]")
+    with pytest.raises(TrainError, match="holds a list"):
+        check_model(str(d), cfg)
+    d = copy("noweights")
+    (d / "model.safetensors").unlink()
+    with pytest.raises(TrainError, match="has no weights"):
+        check_model(str(d), cfg)
+    for size in (5, 100000):
+        d = copy(f"cut{size}")
+        os.truncate(d / "model.safetensors", size)
+        with pytest.raises(CocoaError, match=f"model directory {d}: its weights file is damaged"):
+            CocoaModel.from_pretrained(d)
+    d = copy("mismatch")
+    c = json.loads((d / "config.json").read_text())
+    tc = c.get("text_config", c)
+    tc["hidden_size"] = tc["hidden_size"] * 2
+    (d / "config.json").write_text(json.dumps(c))
+    with pytest.raises(CocoaError, match=f"model directory {d}: its config.json does not match its weights"):
+        CocoaModel.from_pretrained(d)
+    r = _invoke(_s3_args(ws, tiny_model_dir, tmp_path / "run", "--model", str(tmp_path / "list")))
+    _one_clean_line(r)
+
+
+def test_huge_numbers_are_config_bounds_naming_the_setting(ws, tiny_model_dir, tmp_path):
+    for flags, key in ((["--seed", "99999999999999999999"], "seed"),
+                       (["--stage3-steps", "99999999999999999999"], "stage3.steps"),
+                       (["--stage3-steps", "0", "--stage3-epochs", "inf"], "stage3.epochs")):
+        r = _invoke(_s3_args(ws, tiny_model_dir, tmp_path / "run", *flags))
+        assert r.exit_code == 2 and key in r.output and "Traceback" not in r.output, (flags, r.output)

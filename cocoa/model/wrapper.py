@@ -107,6 +107,34 @@ def check_vocab_fits(tokenizer: Any, model: Any, where: str) -> None:
         raise VocabMismatchError(msg)
 
 
+def _load_weights(model_cls: Any, path: str, hf_kwargs: dict[str, Any]) -> nn.Module:
+    """``model_cls.from_pretrained``; a missing, truncated or mismatched weights file is one
+    :class:`RecordError` naming the model directory (never a safetensors/OSError/size-mismatch traceback)."""
+    import torch
+
+    try:
+        return model_cls.from_pretrained(path, **hf_kwargs)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as e:
+        if isinstance(e, RecordError):
+            raise
+        text = " ".join(str(e).split())
+        name = type(e).__name__
+        if "size mismatch" in text or "ignore_mismatched_sizes" in text:
+            why = "its config.json does not match its weights (tensors of another size)"
+        elif isinstance(e, OSError) and ("no file named" in text.lower() or "does not appear to have" in text):
+            why = "it has no weights file (model.safetensors)"
+        elif name == "SafetensorError" or "safetensors" in text.lower() or "header" in text.lower():
+            why = "its weights file is damaged or truncated"
+        elif isinstance(e, (OSError, RuntimeError, ValueError, KeyError, EOFError)) or name == "SafetensorError":
+            why = "its weights cannot be loaded"
+        else:
+            raise
+        raise RecordError(f"model directory {path}: {why} ({name}: {text[:200]}); re-download or rebuild the "
+                          "model") from None
+
+
 class CocoaModel(nn.Module):
     """A Qwen2-VL/Qwen2.5-VL conditional-generation model + its processor + :class:`EmbeddingSpec`.
 
@@ -158,7 +186,7 @@ class CocoaModel(nn.Module):
             register_flex_attention()
         if attn_implementation is not None:
             hf_kwargs["attn_implementation"] = attn_implementation
-        model = model_cls.from_pretrained(path, **hf_kwargs)
+        model = _load_weights(model_cls, path, hf_kwargs)
         processor = AutoProcessor.from_pretrained(path)
         if spec is None:
             if (Path(path) / SPEC_FILE).is_file():

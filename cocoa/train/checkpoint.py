@@ -49,7 +49,8 @@ def list_checkpoints(stage_dir: Path) -> list[Path]:
     root = checkpoint_root(stage_dir)
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / STATE).is_file()]
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()
+            and (p / STATE).is_file()]
     return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
 
 
@@ -155,21 +156,93 @@ def save_checkpoint(stage_dir: Path, step: int, *, model: torch.nn.Module, optim
     return final
 
 
+def _damaged(f: Path, why: str) -> CheckpointError:
+    ck = f.parent
+    return CheckpointError(
+        f"{f}: the checkpoint is damaged ({why}); resume from an earlier checkpoint of "
+        f"{ck.parent} (--resume PATH), delete {ck} to fall back to the previous one, or start over with --overwrite")
+
+
+def read_state(path: Path, max_step: int | None = None) -> dict[str, Any]:
+    """``path/state.json``, checked: a mapping whose ``step`` is an integer agreeing with the directory's
+    name (``step-00000040``) and, given ``max_step``, within ``1..max_step``."""
+    from ..fs import TextFileError, read_json
+
+    path = Path(path)
+    f = path / STATE
+    if not f.is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {STATE}); pick another or start over")
+    try:
+        state = read_json(f, fix="the checkpoint is damaged")
+    except TextFileError as e:
+        raise _damaged(f, str(e).split("; ")[0].replace(f"{f} ", "")) from None
+    except OSError as e:
+        raise _damaged(f, f"cannot read it: {e.strerror or e}") from None
+    if not isinstance(state, dict):
+        raise _damaged(f, f"it holds a {type(state).__name__}, not a mapping")
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool):
+        raise _damaged(f, f"'step' is {step!r}, not a step number")
+    if step < 1 or (max_step is not None and step > max_step):
+        raise _damaged(f, f"'step' {step} is outside 1..{max_step if max_step is not None else 'N'} "
+                          "(the stage's steps)")
+    if path.name.startswith(PREFIX):
+        try:
+            named = int(path.name[len(PREFIX):])
+        except ValueError:
+            named = None
+        if named is not None and named != step:
+            raise _damaged(f, f"'step' is {step} but the directory is {path.name}")
+    world = state.get("world", 1)
+    if not isinstance(world, int) or isinstance(world, bool) or world < 1:
+        raise _damaged(f, f"'world' is {world!r}, not a process count")
+    return state
+
+
+def _load_file(f: Path, what: str, loader: Any) -> Any:
+    """``loader(f)``, or a :class:`CheckpointError` naming the file when it is missing or unreadable."""
+    if not f.is_file():
+        raise _damaged(f, f"its {what} file is missing")
+    try:
+        return loader(f)
+    except CocoaError:
+        raise
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # truncated / overwritten: pickle, zip, safetensors, EOF errors
+        raise _damaged(f, f"its {what} cannot be read: {type(e).__name__}: {' '.join(str(e).split())[:160]}") from None
+
+
 def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    rank: int = 0, world: int = 1) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and this rank's RNG; return the saved state dict."""
+                    rank: int = 0, world: int = 1, max_step: int | None = None) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and this rank's RNG; return the saved state dict.
+
+    Every file is read (and the state checked, ``step`` within ``1..max_step``) before anything is restored;
+    a damaged file is a :class:`CheckpointError` naming it."""
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not (path / STATE).is_file():
-        raise CheckpointError(f"{path} is not a complete checkpoint (no {STATE}); pick another or start over")
-    state = json.loads((path / STATE).read_text())
+    state = read_state(path, max_step)
     if int(state.get("world", 1)) != world:
         raise CheckpointError(
             f"{path} was written by {state.get('world')} processes, this run has {world}; resume with the same "
             "number of processes (the data order per rank depends on it)"
         )
-    weights = load_file(str(path / "weights.safetensors"))
+    weights = _load_file(path / "weights.safetensors", "weights", lambda f: load_file(str(f)))
+    opt = path / f"optimizer-rank{rank}.pt"
+    if not opt.is_file():
+        opt = path / "optimizer.pt"
+    tload = lambda f: torch.load(f, weights_only=False)  # noqa: E731
+    opt_state = _load_file(opt, "optimizer state", tload)
+    if not isinstance(opt_state, dict) or not {"state", "param_groups", "order"} <= set(opt_state):
+        raise _damaged(opt, "it is not an optimizer state cocoa wrote")
+    sched_state = _load_file(path / "scheduler.pt", "scheduler state", tload)
+    if not isinstance(sched_state, dict):
+        raise _damaged(path / "scheduler.pt", "it is not a scheduler state")
+    rng = path / f"rng-rank{rank}.pt"
+    rng_st = _load_file(rng, "random state", tload) if rng.is_file() else None
+    if rng_st is not None and not (isinstance(rng_st, dict) and {"python", "numpy", "torch"} <= set(rng_st)):
+        raise _damaged(rng, "it is not a random state cocoa wrote")
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
     unknown = [n for n in weights if n not in params]
@@ -178,6 +251,10 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
             f"{path} does not fit this model ({len(missing)} trainable weights missing, {len(unknown)} unknown, "
             f"e.g. {(missing + unknown)[:2]}); resume with the same --model and --lora settings"
         )
+    bad_shape = [n for n, t in weights.items() if tuple(t.shape) != tuple(params[n].shape)]
+    if bad_shape:
+        raise CheckpointError(f"{path} does not fit this model ({len(bad_shape)} weights of another shape, e.g. "
+                              f"{bad_shape[0]}); resume with the same --model and --lora settings")
     with torch.no_grad():
         for n, t in weights.items():
             p = params[n]
@@ -187,16 +264,23 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
                 p.copy_(distribute_tensor(t.to(p.dtype), p.device_mesh, p.placements))
             else:
                 p.copy_(t.to(p.device, p.dtype))
-    opt = path / f"optimizer-rank{rank}.pt"
-    if not opt.is_file():
-        opt = path / "optimizer.pt"
-    _optimizer_from_name(model, optimizer, torch.load(opt, weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    rng = path / f"rng-rank{rank}.pt"
-    if rng.is_file():
-        set_rng_state(torch.load(rng, weights_only=False))
+    try:
+        _optimizer_from_name(model, optimizer, opt_state)
+    except CocoaError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise _damaged(opt, f"it does not fit the optimizer ({type(e).__name__}: {e})") from None
+    try:
+        scheduler.load_state_dict(sched_state)
+    except (KeyError, TypeError, ValueError) as e:
+        raise _damaged(path / "scheduler.pt", f"it does not fit the schedule ({type(e).__name__}: {e})") from None
+    if rng_st is not None:
+        try:
+            set_rng_state(rng_st)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise _damaged(rng, f"it is not a usable random state ({type(e).__name__}: {e})") from None
     return state
 
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "CheckpointError",
-           "rng_state", "set_rng_state", "trainable_state", "step_dir"]
+           "read_state", "rng_state", "set_rng_state", "trainable_state", "step_dir"]

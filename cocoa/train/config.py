@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from ..config import Config, ConfigError, _deep_merge
 
 ALL_STAGES = (1, 2, 3)
+MAX_STEPS = 1_000_000_000  # optimizer steps of one stage (also bounds --stageK-save-every, --log-every)
 
 # Qwen2-VL / Qwen2.5-VL module names: LLM attention + MLP, vision tower attention (qkv, proj) + MLP.
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
@@ -63,8 +64,8 @@ class _Section(BaseModel):
 class LoraSection(_Section):
     method: Literal["dora", "lora", "full"] = Field(
         "dora", description="dora / lora (peft adapters merged into the base after each stage) or full fine-tuning")
-    r: int = Field(8, ge=1, description="adapter rank")
-    alpha: float = Field(64.0, gt=0, description="adapter scaling alpha")
+    r: int = Field(8, ge=1, le=65536, description="adapter rank")
+    alpha: float = Field(64.0, gt=0, le=1e6, allow_inf_nan=False, description="adapter scaling alpha")
     dropout: float = Field(0.05, ge=0, lt=1, description="adapter dropout")
     target_modules: list[str] = Field(
         default_factory=lambda: list(DEFAULT_TARGETS),
@@ -76,28 +77,28 @@ class StageSection(_Section):
     """Settings shared by every stage."""
 
     data: str = Field("mix", description="dataset directory under --data (or an absolute path)")
-    steps: int = Field(2000, ge=0, description="optimizer steps (0: derive from epochs)")
-    epochs: float | None = Field(None, gt=0, description="epochs over the data; used when steps is 0")
+    steps: int = Field(2000, ge=0, le=MAX_STEPS, description="optimizer steps (0: derive from epochs)")
+    epochs: float | None = Field(None, gt=0, le=1e6, allow_inf_nan=False, description="epochs over the data; used when steps is 0")
     batch_size: int = Field(64, ge=1, description="global batch (samples per optimizer step, all ranks)")
     micro_batch_size: int = Field(8, ge=1, description="samples per forward chunk on one rank (accumulation / GradCache chunk)")
-    lr: float = Field(2e-5, gt=0, description="peak learning rate")
+    lr: float = Field(2e-5, gt=0, le=10, allow_inf_nan=False, description="peak learning rate")
     schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="lr schedule after warmup")
     warmup_ratio: float = Field(0.05, ge=0, le=1, description="share of steps with linear warmup")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping (0: off)")
-    max_length: int = Field(1024, ge=8, description="maximum sequence length in tokens (image tokens included)")
-    image_min_pixels: int | None = Field(None, ge=1, description="smallest image area in pixels (default: the processor's)")
-    image_max_pixels: int | None = Field(None, ge=1, description="largest image area in pixels (default: the processor's)")
+    weight_decay: float = Field(0.0, ge=0, le=10, allow_inf_nan=False, description="AdamW weight decay")
+    max_grad_norm: float = Field(1.0, ge=0, allow_inf_nan=False, description="gradient clipping (0: off)")
+    max_length: int = Field(1024, ge=8, le=10_000_000, description="maximum sequence length in tokens (image tokens included)")
+    image_min_pixels: int | None = Field(None, ge=1, le=10**10, description="smallest image area in pixels (default: the processor's)")
+    image_max_pixels: int | None = Field(None, ge=1, le=10**10, description="largest image area in pixels (default: the processor's)")
     attention_backend: Literal["sdpa", "eager", "flex"] = Field(
         "sdpa", description="attention kernel: sdpa/eager with dense 4D masks, flex (CUDA) with block masks")
     group_by_length: bool = Field(True, description="length-grouped batching to limit padding")
-    save_every: int = Field(500, ge=0, description="checkpoint every N steps (0: only at the end)")
+    save_every: int = Field(500, ge=0, le=MAX_STEPS, description="checkpoint every N steps (0: only at the end)")
 
 
 class Stage1Section(StageSection):
     text_mask_ratio: float = Field(0.2, ge=0, le=1, description="share of caption tokens masked (MNTP)")
     image_mask_ratio: float = Field(0.5, ge=0, le=1, description="share of image merge units masked (MAE)")
-    mae_weight: float = Field(0.5, ge=0, description="lambda: loss = MNTP + lambda * MAE")
+    mae_weight: float = Field(0.5, ge=0, le=1e6, allow_inf_nan=False, description="lambda: loss = MNTP + lambda * MAE")
     mask_fill: Literal["noise", "zero", "mean"] = Field("noise", description="what masked image patches are replaced with")
     norm_pix_loss: bool = Field(False, description="regress per-patch normalised pixels")
 
@@ -112,7 +113,7 @@ class Stage3Section(StageSection):
     data: str = Field("original", description="dataset directory under --data (or an absolute path)")
     batch_size: int = Field(1024, ge=1, description="global contrastive batch (in-batch negatives, all ranks)")
     micro_batch_size: int = Field(32, ge=1, description="GradCache chunk: samples per forward on one rank")
-    temperature: float = Field(0.02, gt=0, description="InfoNCE temperature")
+    temperature: float = Field(0.02, gt=0, le=1e6, allow_inf_nan=False, description="InfoNCE temperature")
     attention: Literal["bidirectional", "causal"] = Field("bidirectional", description="attention for embedding")
     hard_negatives: bool = Field(True, description="use neg_text/neg_image when the records have them")
     grad_cache: bool = Field(True, description="GradCache (chunked) instead of one full-batch forward")
@@ -131,16 +132,16 @@ class TrainConfig(Config):
                             "auto (tiny when no --model is given)")
     resume: str = Field("auto", description="auto (latest complete checkpoint), never (refuse existing runs), or a checkpoint dir")
     overwrite: bool = Field(False, description="delete an existing run directory first")
-    seed: int = Field(0, description="random seed (data order, masks, init)")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="random seed (data order, masks, init), 0..4294967295")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
     strategy: Literal["auto", "ddp", "fsdp"] = Field(
         "auto", description="multi-process strategy: auto = DDP for adapters, FSDP2 for full fine-tuning on CUDA")
     eos_token: str | None = Field(None, description="EOS token pooled for the embedding (default: the model's cocoa.json or <|endoftext|>)")
     mask_token: str | None = Field(None, description="mask token (default: <|mask|>)")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
-    log_every: int = Field(1, ge=1, description="write a metrics line every N steps")
-    keep_checkpoints: int = Field(2, ge=1, description="complete checkpoints kept per stage")
+    num_workers: int = Field(0, ge=0, le=1024, description="DataLoader worker processes per rank")
+    log_every: int = Field(1, ge=1, le=MAX_STEPS, description="write a metrics line every N steps")
+    keep_checkpoints: int = Field(2, ge=1, le=1_000_000, description="complete checkpoints kept per stage")
     tensorboard: bool = Field(False, description="also write TensorBoard event files under OUT/tensorboard")
     progress: bool = Field(True, description="progress: a live bar on a terminal, plain periodic lines in logs and pipes")
     on_bad_row: Literal["raise", "skip"] = Field(

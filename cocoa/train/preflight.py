@@ -16,6 +16,7 @@ from .config import TrainConfig
 from ..errors import CocoaError
 
 QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl")
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 class TrainError(CocoaError):
@@ -145,8 +146,14 @@ def check_model(model: str, config: TrainConfig) -> None:
             raise TrainError(f"--model {model} has no config.json: it is not a transformers model directory "
                              "(expected a Qwen2-VL / Qwen2.5-VL checkpoint saved with save_pretrained)")
         cfg = _load_json(cfg_file)
+        if not isinstance(cfg, dict):
+            raise TrainError(f"--model {model}: {cfg_file} holds a {type(cfg).__name__}, not a model config "
+                             "(a JSON object); the model directory is damaged: re-download or rebuild it")
         spec_file = p / "cocoa.json"
         spec = _load_json(spec_file) if spec_file.is_file() else {}
+        if not isinstance(spec, dict):
+            raise TrainError(f"--model {model}: {spec_file} holds a {type(spec).__name__}, not cocoa's embedding "
+                             "spec (a JSON object); the model directory is damaged: re-download or rebuild it")
     else:
         if "/" not in model or model.startswith((".", "/", "~")):
             raise TrainError(f"--model {model}: no such directory (and not a hub id such as Qwen/Qwen2-VL-2B-Instruct)")
@@ -158,11 +165,18 @@ def check_model(model: str, config: TrainConfig) -> None:
             raise TrainError(f"--model {model}: cannot load its config from the hub or cache ({type(e).__name__}: "
                              f"{str(e)[:200]}); download it first or pass a local directory") from None
         spec = {}
+    for sub in ("text_config", "vision_config"):
+        if cfg.get(sub) is not None and not isinstance(cfg.get(sub), dict):
+            raise TrainError(f"--model {model}: config.json's {sub!r} is a {type(cfg[sub]).__name__}, not a mapping; "
+                             "the model directory is damaged: re-download or rebuild it")
     mtype = cfg.get("model_type", "")
     if mtype not in QWEN_TYPES:
         raise TrainError(
             f"--model {model} is a {mtype or 'model of unknown type'!r}, not Qwen2-VL-like: cocoa trains "
             f"Qwen2-VL / Qwen2.5-VL (model_type {' or '.join(QWEN_TYPES)})")
+    if p.exists() and not any((p / w).is_file() for w in _WEIGHT_FILES):
+        raise TrainError(f"--model {model} has no weights ({' or '.join(_WEIGHT_FILES[:2])}): the model directory "
+                         "is incomplete; re-download or rebuild it")
     # -- tokenizer ----------------------------------------------------------------------------------
     try:
         from transformers import AutoTokenizer

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .preflight import TrainError
 from ..errors import CocoaError
 
@@ -22,8 +22,8 @@ def stage_done(stage_dir: Path) -> bool:
 
 
 # Settings that never change what a finished step computed: a rerun may change them freely.
-_FREE = ("resume", "overwrite", "progress", "tensorboard", "num_workers", "log_every", "stages", "keep_checkpoints",
-         "on_bad_row", "preset")  # the preset is resolved into the values compared below
+_FREE = ("out", "resume", "overwrite", "progress", "tensorboard", "num_workers", "log_every", "stages", "keep_checkpoints",
+         "on_bad_row", "preset")  # the preset is resolved into the values compared below; a run may be moved (out)
 _FREE_STAGE = ("save_every",)
 _STAGE_KEYS = tuple(f"stage{k}" for k in (1, 2, 3))
 
@@ -75,8 +75,19 @@ def started_stages(out: Path) -> list[int]:
     return [k for k in (1, 2, 3) if (out / f"stage{k}").is_dir() and any((out / f"stage{k}").iterdir())]
 
 
+# What cocoa-train writes in a run directory (anything else there means the directory is not only a run).
+_RUN_LAYOUT = {"config.yaml", "metrics.jsonl", "stage1", "stage2", "stage3", "tensorboard", ".cocoa.lock",
+               ".cocoa-owned"}
+# Keys every config.yaml cocoa-train ever wrote holds (it writes the full resolved settings).
+_RUN_KEYS = {"data", "model", "out", "stages", "preset", "seed", "lora", "stage1", "stage2", "stage3"}
+
+
 def _is_cocoa_run(out: Path) -> bool:
-    """``out`` carries the run marker, or (runs made before the marker existed) cocoa-train's config.yaml."""
+    """``out`` carries the run marker, or (runs made before the marker existed) is laid out as a cocoa-train
+    run: only cocoa-train's entries, and a config.yaml holding the full resolved settings cocoa-train writes
+    (an empty or hand-written config.yaml that TrainConfig merely accepts is not enough)."""
+    import yaml
+
     from ..fs import MARKER
 
     marker = out / MARKER
@@ -86,13 +97,20 @@ def _is_cocoa_run(out: Path) -> bool:
         except (ValueError, OSError, AttributeError):
             return False
     prev = out / "config.yaml"
-    if prev.is_file() and not (out / "manifest.json").exists():
-        try:
-            TrainConfig.from_yaml(prev)
-            return True
-        except CocoaError:
+    if not prev.is_file() or prev.is_symlink():
+        return False
+    try:
+        if any(p.name not in _RUN_LAYOUT for p in out.iterdir()):
             return False
-    return False
+        data = yaml.safe_load(prev.read_bytes())
+        if not isinstance(data, dict) or not _RUN_KEYS <= set(data):
+            return False
+        if not all(isinstance(data[f"stage{k}"], dict) and "lr" in data[f"stage{k}"] for k in (1, 2, 3)):
+            return False
+        TrainConfig.from_yaml(prev)
+        return True
+    except (CocoaError, ConfigError, OSError, yaml.YAMLError, RecursionError):
+        return False
 
 
 def check_out_dir(config: TrainConfig) -> None:
@@ -108,8 +126,8 @@ def check_out_dir(config: TrainConfig) -> None:
                          "directory or another --out")
     if has_content(out) and not _is_cocoa_run(out):
         raise TrainError(
-            f"--out {out} is not empty and is not a cocoa-train run directory (no run marker, no cocoa-train "
-            f"config.yaml); cocoa-train will not write into it{' or delete it (--overwrite)' if config.overwrite else ''}."
+            f"--out {out} is not empty and is not a cocoa-train run directory (no run marker, and no "
+            f"config.yaml cocoa-train wrote with only a run's files beside it); cocoa-train will not write into it{' or delete it (--overwrite)' if config.overwrite else ''}."
             " Choose a new or empty directory for --out")
     if config.overwrite and has_content(out):
         from ..fs import MARKER, check_removable, mark_owned

@@ -19,6 +19,7 @@ from .config import TrainConfig
 from .metrics import Metrics, StepProgress, plot_loss
 from .preflight import StagePlan, TrainError
 from .run_dir import config_hash
+from ..errors import CocoaError
 
 TRUNCATION_WARN = 0.05  # warn when more than this share of a stage's samples is cut to --stageK-max-length
 
@@ -111,6 +112,11 @@ def _open_data(sp: StagePlan, s: Any, seed: int) -> tuple[Any, Any, int]:
     stream = BatchStream(records.lengths, s.batch_size, seed, group_by_length=s.group_by_length, stage=k,
                          where=str(sp.data))
     total = s.steps if s.steps > 0 else max(1, int(math.ceil((s.epochs or 1.0) * stream.batches_per_epoch)))
+    from .config import MAX_STEPS
+
+    if total > MAX_STEPS:
+        raise TrainError(f"--stage{k}-epochs {s.epochs:g} makes {total:,} steps, more than {MAX_STEPS:,}; give fewer "
+                         f"--stage{k}-epochs or --stage{k}-steps")
     return records, stream, total
 
 
@@ -179,14 +185,44 @@ def resume(st: Stage, metrics: Metrics, say: Any) -> None:
         else:
             raise TrainError(f"--resume {config.resume}: not a checkpoint directory (OUT/stage{{k}}/checkpoints/step-N)")
     if ckpt is not None:
+        if config.resume not in ("never", "auto"):
+            _check_foreign_checkpoint(ckpt, config, k)
         state = C.load_checkpoint(ckpt, model=st.model, optimizer=st.optimizer, scheduler=st.scheduler,
-                                  rank=info.rank, world=info.world)
+                                  rank=info.rank, world=info.world, max_step=st.total)
         st.start = int(state["step"])
         if info.is_main:
             metrics.truncate(k, st.start)
         say(f"stage {k}: resumed from {ckpt} at step {st.start}")
     elif info.is_main:
         metrics.truncate(k, 0)
+
+
+def _check_foreign_checkpoint(ckpt: Path, config: TrainConfig, k: int) -> None:
+    """``--resume PATH``: the checkpoint must have been made with this run's settings for stage ``k`` (the
+    same refusal as a rerun: each differing setting named, from its run's config.yaml when there is one)."""
+    from . import checkpoint as C
+    from .config import ConfigError
+    from .run_dir import _flag, settings_diff
+
+    state = C.read_state(ckpt)
+    saved = state.get("config_hash")
+    if saved == config_hash(config, [k]):
+        return
+    run_yaml = ckpt.parent.parent.parent / "config.yaml"
+    shown = ""
+    if run_yaml.is_file():
+        try:
+            diff = settings_diff(TrainConfig.from_yaml(run_yaml), config, [k])
+        except (ConfigError, CocoaError):
+            diff = []
+        shown = "; ".join(f"{_flag(key)} was {a!r}, now {b!r}" for key, a, b in diff[:8])
+        if len(diff) > 8:
+            shown += f" (and {len(diff) - 8} more)"
+    raise TrainError(
+        f"--resume {ckpt}: that checkpoint was made with other settings for stage {k}"
+        + (f": {shown}" if shown else f" (settings hash {saved!r}, this run's {config_hash(config, [k])!r})")
+        + ". Resuming with different ones would mix runs: use that run's settings"
+        + (f" (they are in {run_yaml})" if run_yaml.is_file() else "") + ", or start without --resume PATH")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -322,15 +358,18 @@ def _optimizer_step(st: Stage, step: int, tally: Tally, metrics: Metrics, progre
     if s.max_grad_norm > 0:
         tally.grad_norm = float(torch.nn.utils.clip_grad_norm_(st.params, s.max_grad_norm))
     lr_used = st.scheduler.get_last_lr()[0]
+    done = step + 1
+    # stages 1-2: mean of the ranks' losses; stage 3: every rank holds the same global loss
+    loss_all = D.all_reduce_sum(tally.acc_loss, info) / info.world
+    if not math.isfinite(loss_all) or not math.isfinite(tally.grad_norm):
+        what = f"loss {loss_all}" if not math.isfinite(loss_all) else f"gradient norm {tally.grad_norm}"
+        raise _diverged(st, done, what)
     st.optimizer.step()
     st.scheduler.step()
     st.optimizer.zero_grad(set_to_none=True)
-    done = step + 1
     # global figures
     tok_all = D.all_reduce_sum(tally.acc_tokens, info)
     slots_all = D.all_reduce_sum(tally.acc_slots, info)
-    # stages 1-2: mean of the ranks' losses; stage 3: every rank holds the same global loss
-    loss_all = D.all_reduce_sum(tally.acc_loss, info) / info.world
     stats = tally.stats
     stats["tokens"] += int(tok_all)
     stats["slots"] += int(slots_all)
@@ -364,11 +403,37 @@ def _optimizer_step(st: Stage, step: int, tally: Tally, metrics: Metrics, progre
         _save_checkpoint(st, done, row["loss"])
 
 
+def _diverged(st: Stage, done: int, what: str) -> TrainError:
+    k, s = st.k, st.s
+    return TrainError(
+        f"stage {k} step {done}: training diverged ({what}; --stage{k}-lr {s.lr:g}, --stage{k}-weight-decay "
+        f"{s.weight_decay:g}); nothing of it was saved. Lower --stage{k}-lr (or the weight decay), then rerun: it "
+        f"resumes from the last good checkpoint (--resume auto), or start over with --overwrite")
+
+
+def _check_finite_weights(st: Stage, done: int) -> None:
+    """Refuse to save (a checkpoint or the stage model) weights that are no longer finite (every rank: a
+    collective under torchrun)."""
+    import torch
+
+    from . import distributed as D
+
+    bad = 0
+    with torch.no_grad():
+        for p in st.params:
+            t = p.to_local() if hasattr(p, "to_local") else p
+            if t.numel() and not bool(torch.isfinite(t).all()):
+                bad += 1
+    if D.all_reduce_sum(bad, st.info):
+        raise _diverged(st, done, "weights became nan or inf")
+
+
 def _save_checkpoint(st: Stage, done: int, loss: float) -> None:
     from . import checkpoint as C
     from . import distributed as D
 
     config, info, k = st.config, st.info, st.k
+    _check_finite_weights(st, done)
     C.save_checkpoint(st.sp.dir, done, model=st.model, optimizer=st.optimizer, scheduler=st.scheduler,
                       state={"stage": k, "config_hash": config_hash(config, [k]), "epoch":
                              st.stream.position(done).epoch, "batch_in_epoch": st.stream.position(done).index,
