@@ -39,7 +39,9 @@ class Config(BaseModel):
         except TextFileError as e:
             raise ConfigError(str(e)) from None
         try:
-            data = yaml.safe_load(text) or {}
+            data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+        except _DuplicateKey as e:
+            raise ConfigError(f"{path}: {e}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(data, dict):
@@ -50,6 +52,7 @@ class Config(BaseModel):
     def build(cls: type[T], data: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
               where: str = "config") -> T:
         merged = _deep_merge(dict(data or {}), overrides or {})
+        _refuse_bools_for_numbers(cls, merged, where)
         try:
             return cls.model_validate(merged)
         except ValidationError as e:
@@ -58,6 +61,46 @@ class Config(BaseModel):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (YAML would silently keep the last)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:  # type: ignore[override]
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # the base loader reports an unhashable key
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(f"key {key!r} is given twice (lines {seen[key]} and {line}); keep one of them")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _refuse_bools_for_numbers(model: type[BaseModel], data: Any, where: str, prefix: str = "") -> None:
+    """A YAML ``true``/``false`` (or a Python bool) for an int or float setting is refused, never taken as 1/0."""
+    if not isinstance(data, dict):
+        return
+    for name, field in model.model_fields.items():
+        if name not in data:
+            continue
+        v = data[name]
+        tp = _unwrap_optional(field.annotation)
+        key = f"{prefix}{name}"
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            _refuse_bools_for_numbers(tp, v, where, key + ".")
+        elif tp in (int, float) and isinstance(v, bool):
+            what = "a whole number" if tp is int else "a number"
+            msg = f"{key}: {str(v).lower()} is a yes/no value, not {what}; give {what}"
+            raise ConfigError(f"{where}: {msg}" if where else msg)
 
 
 def format_validation_error(e: ValidationError) -> str:

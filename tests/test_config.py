@@ -76,3 +76,23 @@ def test_build_api():
         assert "unknown key 'nope'" in str(e)
     else:
         raise AssertionError("unknown key accepted")
+
+
+def test_yaml_duplicate_keys_and_bools_for_numbers_are_refused(tmp_path):
+    """Audit B 14: YAML keeps the last of two equal keys silently, and pydantic takes `true` as 1."""
+    import pytest
+
+    from cocoa.config import ConfigError
+    from cocoa.eval.evaluator import EvalConfig
+
+    f = tmp_path / "c.yaml"
+    f.write_text("batch_size: 4\nlabel: x\nbatch_size: 8\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: key 'batch_size' is given twice \(lines 1 and 3\)"):
+        EvalConfig.from_yaml(f)
+    f.write_text("batch_size: true\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: batch_size: true is a yes/no value, not a whole number"):
+        EvalConfig.from_yaml(f)
+    f.write_text("base: &b {batch_size: 4}\n")  # anchors still load; only real duplicates are refused
+    with pytest.raises(ConfigError, match="unknown key 'base'"):
+        EvalConfig.from_yaml(f)
+    assert EvalConfig.build({"batch_size": 3, "plot": False}).batch_size == 3

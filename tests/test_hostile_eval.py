@@ -276,3 +276,120 @@ def test_model_config_that_is_not_utf8_names_the_file(tmp_path):
     (model / "config.json").write_bytes(b'{"model_type": "qwen2_5_vl\xff"}')
     with pytest.raises(RecordError, match="config.json is not a readable model config"):
         resolve_spec(model, pooling="eos")
+
+
+# -- audit B: aspect ratio, special tokens, --device, tokenizer files, Embedder edges, flag names -------------
+def _png(w, h):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _mmeb_with_extra_row(tmp_path, **change):
+    import pyarrow.parquet as pq
+
+    from cocoa.testing.mmeb import write_mmeb_eval_fixture
+
+    base = write_mmeb_eval_fixture(tmp_path / "base", datasets=["ImageNet-1K"], n_per_dataset=2, n_candidates=3)
+    row = pq.read_table(base / "ImageNet-1K" / "test-00000-of-00001.parquet").to_pylist()[0]
+    row.update(change)
+    return write_mmeb_eval_fixture(tmp_path / "MMEB-eval", datasets=["ImageNet-1K"], n_per_dataset=2, n_candidates=3,
+                                   extra_rows={"ImageNet-1K": [row]},
+                                   extra_members={"images/ImageNet-1K/wide.png": _png(4000, 10)})
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"qry_img_path": "images/ImageNet-1K/wide.png"}, "aspect ratio 400:1"),
+    ({"qry_text": "<|image_1|> a <|image_pad|> here"}, "special token '<|image_pad|>'"),
+])
+def test_mmeb_rows_the_processor_cannot_take_are_named_or_skipped(tmp_path, change, needle):
+    from cocoa.errors import CocoaError
+    from cocoa.eval.data import load_mmeb
+
+    root = _mmeb_with_extra_row(tmp_path, **change)
+    with pytest.raises(CocoaError) as e:
+        load_mmeb(root)
+    assert "row 2" in str(e.value) and needle in str(e.value) and "--on-bad-row skip" in str(e.value), e.value
+    with pytest.warns(UserWarning, match="1 of 3 rows skipped"):
+        (s,) = load_mmeb(root, on_bad_row="skip")
+    assert len(s.records) == 2 and s.n_skipped == 1
+
+
+def test_collator_refuses_extreme_aspect_ratio_and_special_tokens_per_row(tiny_model_dir):
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from cocoa.errors import CocoaError
+    from cocoa.model.collate import CollateError, EmbedCollator, Stage2Collator, load_image
+    from cocoa.records import MixRecord
+
+    with pytest.raises(CollateError, match=r"4000x10 pixels \(aspect ratio 400:1\)"):  # train's load(): a bad row
+        load_image(Image.new("RGB", (4000, 10)), where="record r1 qry_image")
+    load_image(Image.new("RGB", (2000, 10)))  # 200:1 is what the processor still takes
+    proc = AutoProcessor.from_pretrained(tiny_model_dir)
+    col = EmbedCollator(proc)
+    with pytest.raises(CollateError, match=r"embedding item 0 text contains the special token '<\|vision_start\|>'"):
+        col([("a <|vision_start|> b", None)])
+    s2 = Stage2Collator(proc)
+    rec = MixRecord.model_construct(id="r9", prompt="describe", text="a <|image_pad|> caption", image=None)
+    with pytest.raises(CocoaError, match=r"record r9 text contains the special token '<\|image_pad\|>'"):
+        s2.check_record(rec)
+
+
+def test_embedder_edges_are_one_clear_line(tiny_model_dir, tmp_path):
+    from PIL import Image
+
+    from cocoa import Embedder
+    from cocoa.errors import CocoaError
+
+    emb = Embedder.from_pretrained(tiny_model_dir, device="cpu")
+    with pytest.raises(CocoaError, match=r"input 1 image is 4000x10 pixels"):
+        emb.encode(images=[Image.new("RGB", (64, 64)), Image.new("RGB", (4000, 10))])
+    with pytest.raises(CocoaError, match=r"input 0 text contains the special token '<\|image_pad\|>'"):
+        emb.encode(texts=["<|image_pad|><|image_pad|> hi <|vision_start|>"])
+    with pytest.raises(CocoaError, match="is a directory, not an image file"):
+        emb.encode(images=[str(tmp_path)])
+    with pytest.raises(ValueError, match="texts is bytes"):
+        emb.encode(texts=b"abc")
+    with pytest.raises(ValueError, match=r"texts\[0\] is not valid Unicode"):
+        emb.encode(texts=["a\ud800b"])
+    assert emb.encode(texts=[]).shape == (0, emb.dim) and emb.dim > 0
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda:99", "npu"])
+def test_a_bad_device_is_refused_up_front_even_with_a_warm_cache(tiny_model_dir, scenes_root, tmp_path, device):
+    from cocoa.errors import CocoaError
+    from cocoa.eval import evaluate
+
+    with pytest.raises(CocoaError, match="--device"):
+        evaluate(tiny_model_dir, "scenes", data=scenes_root, cache_dir=tmp_path / "cache", device=device, write=False,
+                 quiet=True, limit=1, datasets=["nonexistent-is-never-reached"])
+    assert not (tmp_path / "cache").exists()
+
+
+def test_missing_tokenizer_files_are_named(tiny_model_dir, tmp_path):
+    import shutil
+
+    from cocoa.errors import CocoaError
+    from cocoa.model.embedder import resolve_spec
+
+    m = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, m)
+    (m / "tokenizer.json").unlink()
+    (m / "tokenizer_config.json").unlink()
+    with pytest.raises(CocoaError, match="has no tokenizer files"):
+        resolve_spec(m)
+
+
+def test_mmeb_messages_name_cocoa_evals_image_dir_flag(tmp_path):
+    from cocoa.errors import CocoaError
+    from cocoa.eval.data import load_mmeb
+
+    (tmp_path / "d").mkdir()
+    with pytest.raises(CocoaError) as e:
+        load_mmeb(tmp_path / "d")
+    assert "--mmeb-image-dir" in str(e.value) and "(or --image-dir)" not in str(e.value), e.value

@@ -119,6 +119,8 @@ def load_mmeb(mmeb_dir: str | Path, datasets: Sequence[str] | None = None, limit
     import warnings
 
     from ..sources.mmeb import ImageSource, SourceReport, image_bytes_checked, iter_mmeb_eval
+    from ..sources.mmeb.report import _Skip
+    from ..model.collate import CollateError, check_image_size, special_token_in
     from ..records import ImageRef, digest
     from ..model.embedder import image_header_size
 
@@ -133,7 +135,12 @@ def load_mmeb(mmeb_dir: str | Path, datasets: Sequence[str] | None = None, limit
 
     def store(dataset: str, ref: ImageRef) -> ImageRef:
         data = ref.bytes or b""
-        info[ref.path or ""] = (digest(data), image_header_size(data))
+        size = image_header_size(data)
+        try:  # an image the model's processor cannot take is a bad row (skipped under on_bad_row="skip")
+            check_image_size(size, f"image {ref.path}")
+        except CollateError as e:
+            raise _Skip("image_aspect_ratio", str(e)) from None
+        info[ref.path or ""] = (digest(data), size)
         return ImageRef(path=ref.path)  # drop the bytes: re-read only if this input must be encoded
 
     report = SourceReport()
@@ -141,11 +148,27 @@ def load_mmeb(mmeb_dir: str | Path, datasets: Sequence[str] | None = None, limit
     try:
         for rec in iter_mmeb_eval(root, datasets=list(datasets) if datasets else None, max_per_dataset=limit,
                                   image_dir=image_dir, on_error=on_bad_row, report=report, store=store):  # type: ignore[arg-type]
+            bad = next(((c, t) for c, t in (("qry_text", rec.qry_text), *(("tgt_text", t) for t in rec.tgt_texts))
+                        if special_token_in(t)), None)
+            if bad is not None:  # the same rule as the collator's, applied here so that it is a per-row skip
+                tok = special_token_in(bad[1])
+                where = f"{root}/{rec.dataset}/{rec.meta.get('file', '?')} row {rec.meta.get('row', '?')}"
+                msg = (f"{where}: {bad[0]} contains the special token {tok!r}, which the model would read as markup, "
+                       "not text")
+                if on_bad_row == "raise":
+                    raise RecordError(f"{msg}. Fix the row, or pass --on-bad-row skip to leave such rows out (they are "
+                                      "counted and shown in the reports)")
+                report.kept[rec.dataset] -= 1
+                report.skipped["special_token"] += 1
+                continue
             by_name.setdefault(rec.dataset, []).append(rec)
     except CocoaError as e:
-        if on_bad_row == "raise" and " row " in str(e):
-            raise RecordError(f"{e}. Fix the row, or pass --on-bad-row skip to leave such rows out (they are counted "
+        msg = str(e).replace("--image-dir", "--mmeb-image-dir")  # the reader's flag is cocoa-eval's --mmeb-image-dir
+        if on_bad_row == "raise" and " row " in msg:
+            raise RecordError(f"{msg}. Fix the row, or pass --on-bad-row skip to leave such rows out (they are counted "
                               "and shown in the reports)") from None
+        if msg != str(e):
+            raise RecordError(msg) from None
         raise
     names = list(datasets) if datasets else list(dict.fromkeys(list(report.read) + list(by_name)))
 

@@ -128,14 +128,17 @@ class _Inputs:
         return hit
 
     def add(self, text: str, ref: Any, s: EvalSet) -> str:
+        from ..model.collate import check_image_size, check_text
         from ..model.embedder import LazyImage
 
+        check_text(text, "its text")  # the collator's rule, named with the record before any encoding
         if ref is None:
             key = input_key(text, None)
             if key not in self.items:
                 self.items[key] = (text, None)
             return key
         dg, size = self.image(ref, s)
+        check_image_size(size, f"its image {ref.path or '(embedded)'}")
         key = input_key(text, dg)
         if key not in self.items:
             self.items[key] = (text, LazyImage(ref=ref, root=s.root, size=size, reader=s.read_image))
@@ -211,7 +214,7 @@ def evaluate(model: str | Path | Any, benchmark: str = "scenes", *, data: str | 
     unless ``quiet``, prints the table. ``sets`` evaluates given :class:`EvalSet` s instead of loading
     ``benchmark`` (the name is then only a label).
     """
-    from ..model.embedder import Embedder, resolve_spec
+    from ..model.embedder import Embedder, check_device, resolve_spec
 
     t0 = time.time()
     rank, world, local_rank = _dist_env()
@@ -223,6 +226,7 @@ def evaluate(model: str | Path | Any, benchmark: str = "scenes", *, data: str | 
             raise EvalError("this Embedder was not loaded from a directory; evaluate a model directory instead")
     else:
         spec = resolve_spec(model_dir, pooling, eos_token)  # clear error for a missing cocoa.json, before any work
+        check_device(device)  # a bad --device is refused even when every embedding is already cached
 
     compare_result = None
     if compare is not None:

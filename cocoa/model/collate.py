@@ -43,6 +43,14 @@ from ..errors import CocoaError
 log = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "<|image_1|>"
+MAX_ASPECT_RATIO = 200  # the Qwen2-VL image processor refuses an image whose long side / short side exceeds this
+# Qwen2-VL's special tokens (and cocoa's <|mask|>): user text holding one would be read as markup (an image
+# block without pixels, a fake EOS or mask), so text containing any of them is refused, row by row.
+SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>", "<|mask|>",
+)
 IMAGE_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
 BATCH_KEYS = (
     "input_ids", "attention_mask", "mm_token_type_ids", "eos_pos", "pixel_values", "image_grid_thw",
@@ -66,15 +74,64 @@ def render_text(text: str, has_image: bool) -> str:
     return text.replace(IMAGE_PLACEHOLDER, "").strip()
 
 
-def load_image(image: Any, root: Any = None) -> Any:
-    """An RGB PIL image from an :class:`ImageRef` (embedded or relative to ``root``) or a PIL image."""
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+
+
+def missing_tokenizer_files(model_dir: Any) -> str | None:
+    """A message when ``model_dir`` is a directory without any tokenizer file, else ``None``."""
+    from pathlib import Path
+
+    if not model_dir:
+        return None
+    d = Path(model_dir)
+    if not d.is_dir() or any((d / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    return (f"{d} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}; tokenizer_config.json belongs with "
+            "them): copy them back from the model this one was made from, or re-save the model with cocoa-train")
+
+
+def check_image_size(size: Any, where: str = "image") -> None:
+    """:class:`CollateError` for an image the Qwen2-VL processor cannot resize (aspect ratio above
+    :data:`MAX_ASPECT_RATIO`, or a zero side); ``size`` is ``(w, h)``. ``None`` (unknown) passes."""
+    if not size:
+        return
+    w, h = int(size[0]), int(size[1])
+    if min(w, h) < 1 or max(w, h) / min(w, h) > MAX_ASPECT_RATIO:
+        ratio = f"{max(w, h) / min(w, h):.0f}:1" if min(w, h) >= 1 else "a zero side"
+        raise CollateError(f"{where} is {w}x{h} pixels (aspect ratio {ratio}); the Qwen2-VL processor takes at most "
+                           f"{MAX_ASPECT_RATIO}:1 -- crop or pad the image, or drop the row")
+
+
+def special_token_in(text: str | None, tokens: Iterable[str] = SPECIAL_TOKENS) -> str | None:
+    """The first special token found in ``text`` (``None`` when there is none)."""
+    if not text or "<" not in text:
+        return None
+    found = [(text.find(tok), tok) for tok in tokens if tok and tok in text]
+    return min(found)[1] if found else None  # the first one in the text
+
+
+def check_text(text: str | None, where: str = "text", tokens: Iterable[str] = SPECIAL_TOKENS) -> None:
+    """:class:`CollateError` naming the special token when ``text`` holds one (see :data:`SPECIAL_TOKENS`)."""
+    tok = special_token_in(text, tokens)
+    if tok is not None:
+        raise CollateError(f"{where} contains the special token {tok!r}, which the model would read as markup, not "
+                           "text; remove it from the data (MMEB's image placeholder is <|image_1|>)")
+
+
+def load_image(image: Any, root: Any = None, where: str = "image") -> Any:
+    """An RGB PIL image from an :class:`ImageRef` (embedded or relative to ``root``) or a PIL image.
+    An image the processor cannot take (:func:`check_image_size`) raises :class:`CollateError`."""
     if image is None:
         return None
     if isinstance(image, ImageRef):
-        return image.load(root)
-    if hasattr(image, "convert"):
-        return image.convert("RGB") if getattr(image, "mode", "RGB") != "RGB" else image
-    raise CollateError(f"unsupported image value {type(image).__name__}; pass an ImageRef or a PIL image")
+        im = image.load(root)
+    elif hasattr(image, "convert"):
+        im = image.convert("RGB") if getattr(image, "mode", "RGB") != "RGB" else image
+    else:
+        raise CollateError(f"unsupported image value {type(image).__name__}; pass an ImageRef or a PIL image")
+    size = getattr(im, "size", None)
+    check_image_size(size if isinstance(size, tuple) else None, where)
+    return im
 
 
 @dataclass
@@ -115,6 +172,10 @@ class _Base:
         self.eos_token_id = self._token_id(self.spec.eos_token, self.spec.eos_token_id, "EOS")
         self.mask_token_id = self._token_id(self.spec.mask_token, self.spec.mask_token_id, "mask")
         self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_token_id
+        added = getattr(tok, "added_tokens_decoder", {}) or {}
+        self.special_tokens = tuple(dict.fromkeys(
+            [*SPECIAL_TOKENS, self.spec.eos_token, self.spec.mask_token,
+             *(a.content for a in added.values() if getattr(a, "special", False) and getattr(a, "content", ""))]))
         self.special_ids = set(tok.all_special_ids) | {
             self.image_token_id, self.vision_start_id, self.vision_end_id, self.eos_token_id, self.mask_token_id,
         }
@@ -135,6 +196,9 @@ class _Base:
     def _token_id(self, token: str, expected: int | None, what: str) -> int:
         tid = self.tokenizer.convert_tokens_to_ids(token)
         if tid is None or tid == self.tokenizer.unk_token_id:
+            missing = missing_tokenizer_files(getattr(self.tokenizer, "name_or_path", ""))
+            if missing:
+                raise CollateError(missing)
             raise CollateError(
                 f"the {what} token {token!r} is not in the tokenizer; load the model with CocoaModel.from_pretrained "
                 "(it adds <|mask|>) or fix eos_token/mask_token in cocoa.json"
@@ -151,6 +215,17 @@ class _Base:
             return list(ids), None, None
         out = self.processor(text=[text], images=[image], return_tensors="pt")
         return out["input_ids"][0].tolist(), out["pixel_values"], out["image_grid_thw"]
+
+    def check_text(self, text: str | None, where: str) -> None:
+        """:class:`CollateError` when user text holds one of the tokenizer's special tokens."""
+        check_text(text, where, self.special_tokens)
+
+    def check_record(self, record: Any) -> None:
+        """Every text field of a training record checked (:meth:`check_text`), naming the record and field."""
+        for name in ("prompt", "text", "qry_text", "pos_text", "neg_text"):
+            v = getattr(record, name, None)
+            if isinstance(v, str):
+                self.check_text(v, f"record {getattr(record, 'id', '?')} {name}")
 
     def text_ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
@@ -245,7 +320,8 @@ class Stage1Collator(_Base):
         self.image_mask_mode = image_mask_mode
 
     def sample(self, record: Any) -> _Sample | None:
-        image = load_image(record.image, self.image_root)
+        self.check_record(record)
+        image = load_image(record.image, self.image_root, f"record {record.id} image")
         text = (f"{record.prompt} {record.text}").strip()
         ids, pv, grid = self.encode(render_text(text, image is not None), image)
         if len(ids) > self.max_length:
@@ -300,7 +376,8 @@ class Stage2Collator(_Base):
         self.b_mask_ratio = b_mask_ratio
 
     def sample(self, record: Any) -> _Sample | None:
-        image = load_image(record.image, self.image_root)
+        self.check_record(record)
+        image = load_image(record.image, self.image_root, f"record {record.id} image")
         a_ids, pv, grid = self.encode(render_text(record.prompt.strip(), image is not None), image)
         b_ids = self.text_ids(record.text.strip())
         if not b_ids:
@@ -356,7 +433,9 @@ class EmbedCollator(_Base):
         self.instruction = instruction
 
     def sample(self, text: str | None, image: Any, index: int = 0) -> _Sample:
-        image = load_image(image, self.image_root)
+        self.check_text(text, f"embedding item {index} text")
+        self.check_text(self.instruction, "the instruction")
+        image = load_image(image, self.image_root, f"embedding item {index} image")
         text = text or ""
         if self.instruction:
             text = f"{self.instruction} {text}".strip()
@@ -388,6 +467,7 @@ def batch_to(batch: dict[str, Any], device: Any) -> dict[str, Any]:
 
 
 __all__ = [
-    "BATCH_KEYS", "CollateError", "EmbedCollator", "IGNORE", "IMAGE_BLOCK", "IMAGE_PLACEHOLDER", "Stage1Collator",
-    "Stage2Collator", "batch_to", "load_image", "render_text",
+    "BATCH_KEYS", "CollateError", "EmbedCollator", "IGNORE", "IMAGE_BLOCK", "IMAGE_PLACEHOLDER", "MAX_ASPECT_RATIO",
+    "SPECIAL_TOKENS", "Stage1Collator", "Stage2Collator", "batch_to", "check_image_size", "check_text", "load_image",
+    "render_text", "special_token_in",
 ]

@@ -84,6 +84,8 @@ def to_pil(image: Any, where: str = "image") -> Any:
         return decode_image(bytes(image), name=where)
     if isinstance(image, (str, Path)):
         p = Path(image)
+        if p.is_dir():
+            raise RecordError(f"{where}: {p} is a directory, not an image file; give the path of one image")
         if not p.is_file():
             raise RecordError(f"{where}: image file {p} does not exist")
         return decode_image(p.read_bytes(), name=str(p))
@@ -104,6 +106,7 @@ def resolve_spec(model_dir: str | Path, pooling: str | None = None, eos_token: s
         if eos_token:
             upd["eos_token"] = eos_token
             upd["eos_token_id"] = None  # re-resolved from the tokenizer
+        _check_tokenizer_files(model_dir)
         return spec.model_copy(update=upd) if upd else spec
     if not pooling:
         EmbeddingSpec.load(model_dir)  # raises the error that names the file and the flags
@@ -122,15 +125,48 @@ def resolve_spec(model_dir: str | Path, pooling: str | None = None, eos_token: s
     kw: dict[str, Any] = {"arch": arch, "pooling": pooling}
     if eos_token:
         kw["eos_token"] = eos_token
+    _check_tokenizer_files(model_dir)
     return EmbeddingSpec(**kw)
 
 
-def _pick_device(device: str | None) -> str:
+def _check_tokenizer_files(model_dir: Path) -> None:
+    from .collate import missing_tokenizer_files
+
+    missing = missing_tokenizer_files(model_dir)
+    if missing:
+        raise RecordError(missing)
+
+
+def check_device(device: str | None) -> str:
+    """The device to run on: ``auto`` (a GPU when there is one), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``, checked
+    against this machine; anything else, or a device it does not have, is a :class:`RecordError` naming it."""
     import torch
 
     if device in (None, "", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    d = str(device).strip()
+    try:
+        dev = torch.device(d)
+    except (RuntimeError, ValueError):
+        raise RecordError(f"--device {device!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cpu":
+        return d
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise RecordError(f"--device {device!r}: this machine has no usable CUDA GPU; use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= n:
+            raise RecordError(f"--device {device!r}: this machine has {n} CUDA GPU(s), cuda:0..cuda:{n - 1}")
+        return d
+    if dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise RecordError(f"--device {device!r}: MPS is not available on this machine; use --device cpu (or auto)")
+        return d
+    raise RecordError(f"--device {device!r}: cocoa runs on cpu, cuda, cuda:N or mps; use one of those (or auto)")
+
+
+_pick_device = check_device
 
 
 def _pick_dtype(dtype: str | None, device: str):  # type: ignore[no-untyped-def]
@@ -180,14 +216,32 @@ class Embedder:
         """Write the model as :meth:`from_pretrained` reads it (HF weights, processor, ``cocoa.json``)."""
         return self.model.save_pretrained(out_dir)
 
+    @property
+    def dim(self) -> int:
+        """Embedding size ``D`` (0 when the model does not say)."""
+        cfg = getattr(self.model, "hf_config", None)
+        cfg = getattr(cfg, "text_config", cfg)
+        return int(getattr(cfg, "hidden_size", 0) or 0)
+
     # -- length estimate (for sorting into batches of similar length) ---------------------------
     def estimate_length(self, text: str, image: Any) -> int:
         return estimate_length(self.spec, text, image)
 
     # -- encoding ---------------------------------------------------------------------------------
-    def _collate(self, items: Sequence[tuple[str, Any]], collator: Any = None) -> dict[str, Any]:
-        pairs = [(t, to_pil(im, where=f"input {t[:40]!r}")) for t, im in items]
-        return (collator or self.collator)(pairs)
+    def _collate(self, items: Sequence[tuple[str, Any]], collator: Any = None,
+                 index: Sequence[int] | None = None) -> dict[str, Any]:
+        from .collate import check_image_size
+
+        col = collator or self.collator
+        pairs = []
+        for j, (t, im) in enumerate(items):
+            where = f"input {index[j] if index is not None else j}"
+            col.check_text(t, f"{where} text")
+            pil = to_pil(im, where=f"{where} ({t[:40]!r})")
+            if pil is not None:
+                check_image_size(getattr(pil, "size", None), f"{where} image")
+            pairs.append((t, pil))
+        return col(pairs)
 
     def _forward(self, batch: dict[str, Any]) -> np.ndarray:
         import torch
@@ -218,18 +272,18 @@ class Embedder:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         if n == 0:
-            return np.zeros((0, 0), dtype=np.float32)
+            return np.zeros((0, self.dim), dtype=np.float32)
         if lengths is None and sort:
             lengths = [self.estimate_length(t, im) for t, im in items]
         order = sorted(range(n), key=lambda i: -lengths[i]) if sort and lengths is not None else list(range(n))
         batches = [order[s:s + batch_size] for s in range(0, n, batch_size)]
         out: np.ndarray | None = None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cocoa-collate") as pool:
-            fut = pool.submit(self._collate, [items[i] for i in batches[0]], collator)
+            fut = pool.submit(self._collate, [items[i] for i in batches[0]], collator, batches[0])
             for b, idx in enumerate(batches):
                 batch = fut.result()
                 if b + 1 < len(batches):
-                    fut = pool.submit(self._collate, [items[i] for i in batches[b + 1]], collator)
+                    fut = pool.submit(self._collate, [items[i] for i in batches[b + 1]], collator, batches[b + 1])
                 emb = self._forward(batch)
                 if out is None:
                     out = np.empty((n, emb.shape[1]), dtype=np.float32)
@@ -253,6 +307,8 @@ class Embedder:
         """
         if return_tensors not in ("np", "pt"):
             raise ValueError(f"return_tensors must be 'np' or 'pt', not {return_tensors!r}")
+        if isinstance(texts, (bytes, bytearray, memoryview)):
+            raise ValueError("texts is bytes; decode it to a str (or give a list of str)")
         if isinstance(texts, str):
             texts = [texts]
         if images is not None and not isinstance(images, (list, tuple)):
@@ -268,6 +324,11 @@ class Embedder:
             im = images[i] if images is not None else None
             if not isinstance(t, str):
                 raise ValueError(f"texts[{i}] is a {type(t).__name__}, not a string")
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"texts[{i}] is not valid Unicode text ({e.reason} at character {e.start}: "
+                                 f"{t[e.start]!r}); fix or re-decode the string") from None
             if not t.strip() and im is None and not instruction:
                 raise ValueError(f"input {i} is empty (no text and no image)")
             items.append((t, im))
