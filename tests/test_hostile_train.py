@@ -545,3 +545,18 @@ def test_huge_numbers_are_config_bounds_naming_the_setting(ws, tiny_model_dir, t
                        (["--stage3-steps", "0", "--stage3-epochs", "inf"], "stage3.epochs")):
         r = _invoke(_s3_args(ws, tiny_model_dir, tmp_path / "run", *flags))
         assert r.exit_code == 2 and key in r.output and "Traceback" not in r.output, (flags, r.output)
+
+
+def test_special_token_in_training_text_is_named_or_skipped(scenes_root, tiny_model_dir, tmp_path, one_thread):
+    recs = _pairs(scenes_root, 15)
+    bad = recs[2].model_copy(update={"pos_text": "a <|image_pad|> <|vision_start|> caption"})
+    recs[2] = bad
+    d = _write_pairs(tmp_path / "ws", recs)
+    r = _invoke(_s3_args(d, tiny_model_dir, tmp_path / "run"))
+    _one_clean_line(r)
+    out = " ".join(r.output.split())
+    assert bad.id in out and "pos_text" in out and "--on-bad-row skip" in out, out
+    run = tmp_path / "run2"
+    r = _invoke(_s3_args(d, tiny_model_dir, run, "--on-bad-row", "skip", "--stage3-steps", "4"))
+    assert r.exit_code == 0, r.output
+    assert json.loads((run / "stage3" / "summary.json").read_text())["skipped_bad_rows"] >= 1

@@ -67,6 +67,13 @@ class StepBatches:
         except CocoaError as e:
             msg = f"stage {self.k}: {self._where(i)} is not a valid record ({e})"
             raise BadRowError(msg + _SKIP_HINT, msg) from None
+        check = getattr(self.collator, "check_record", None)
+        if check is not None:  # text the processor cannot take (a Qwen special token): a bad row, skippable
+            try:
+                check(rec)
+            except CocoaError as e:
+                msg = f"stage {self.k}: {self._where(i)}: {e}"
+                raise BadRowError(msg + _SKIP_HINT, msg) from None
         root = getattr(self.records, "root", None)
         upd: dict[str, Any] = {}
         for name in _IMAGE_FIELDS.get(type(rec).__name__, ()):
