@@ -56,7 +56,7 @@ class Config(BaseModel):
         try:
             return cls.model_validate(merged)
         except ValidationError as e:
-            msg = format_validation_error(e)
+            msg = format_validation_error(e, flags=True)
             raise ConfigError(f"{where}: {msg}" if where else msg) from None
 
     def to_yaml(self) -> str:
@@ -103,7 +103,9 @@ def _refuse_bools_for_numbers(model: type[BaseModel], data: Any, where: str, pre
             raise ConfigError(f"{where}: {msg}" if where else msg)
 
 
-def format_validation_error(e: ValidationError) -> str:
+def format_validation_error(e: ValidationError, *, flags: bool = False) -> str:
+    """One line for a pydantic error. ``flags``: name each setting's command-line flag too
+    (``stage3.steps (--stage3-steps): ...``), for command configs."""
     parts = []
     for err in e.errors():
         loc = ".".join(str(x) for x in err["loc"])
@@ -113,6 +115,8 @@ def format_validation_error(e: ValidationError) -> str:
             msg = str(err["msg"])
             if msg.startswith("Value error, "):  # our own validators' messages already name the flag
                 msg = msg[len("Value error, "):]
+            if loc and flags and all(isinstance(x, str) for x in err["loc"]):
+                loc = f"{loc} (--{loc.replace('.', '-').replace('_', '-')})"
             parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts)
 
