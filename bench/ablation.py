@@ -1,7 +1,7 @@
 """The CoCoA-vs-baseline experiment: a miniature of the paper's comparison on the scenes benchmark.
 
     python bench/ablation.py --root runs/ablation              # the full experiment (~100 min on 2 cores; docs/results.md)
-    python bench/ablation.py --root /tmp/abl-smoke --smoke     # minuscule sizes, end to end (~5 min)
+    python bench/ablation.py --root runs/abl-smoke --smoke     # minuscule sizes, end to end (~5 min)
     python bench/ablation.py --root runs/ablation --plan       # print every command, run nothing
     python bench/ablation.py --root runs/ablation --report-only --png docs/ablation_curves.png
 

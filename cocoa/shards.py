@@ -91,7 +91,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # pid + a random part, created exclusively: threads of one process (or same-pid processes in two
     # containers sharing a disk) never write into each other's temporary file
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}{os.urandom(4).hex()}"
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}{os.urandom(8).hex()}"
     try:
         with open(tmp, "xb") as f:
             f.write(data)
@@ -243,7 +243,7 @@ class ShardWriter:
         for p in self.path.iterdir():
             if not p.is_file() or p.is_symlink():
                 continue
-            if re.match(r"^\.(?:shard(?:-\d{10})?-\d{5}\.arrow|manifest\.json)\.tmp-\d+(?:[0-9a-f]{8})?$", p.name):
+            if re.match(r"^\.(?:shard(?:-\d{10})?-\d{5}\.arrow|manifest\.json)\.tmp-\d+[0-9a-f]*$", p.name):
                 p.unlink(missing_ok=True)  # a temp file of an interrupted writer: never complete
             elif SHARD_NAME.match(p.name) and p.name not in listed:
                 p.unlink(missing_ok=True)  # renamed but never recorded in the manifest: redo it

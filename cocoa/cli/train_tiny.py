@@ -121,14 +121,17 @@ def pretrain_tiny(config: PretrainConfig) -> None:
             f"{k} {v['right']:.3f} -> {v['shuffled']:.3f} (x{v['ratio']:.2f})" for k, v in gap.items()))
     c.print(f"cached model: {d}")
     if config.out:
-        tmp = out.parent / f".{out.name}.tmp-copy"
-        shutil.rmtree(tmp, ignore_errors=True)
+        import tempfile
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)) / "model"  # ours alone
         shutil.copytree(d, tmp)
         if out.exists():
             from ..fs import remove_owned_tree
 
             remove_owned_tree(out)  # empty, or only cocoa's marker (checked above)
         tmp.rename(out)
+        tmp.parent.rmdir()  # the empty directory mkdtemp made for the copy
         from ..fs import mark_owned
 
         mark_owned(out, "model")

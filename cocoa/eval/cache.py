@@ -51,26 +51,12 @@ CACHE_VERSION = 1
 
 
 def _write_whole(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the whole new one. The temporary file's
-    name is unique (random, created with ``O_EXCL``) -- a pid-based name collides between threads of one
-    process and between processes of different containers that share the cache, which then rename each
-    other's half-written file or fail with FileNotFoundError. Permissions follow the umask, as for any file."""
-    from ..shards import fsync_dir
+    """Write ``data`` to ``path`` so readers see the old file or the whole new one: the project's atomic
+    writer, whose temporary name is unique (pid + random, created exclusively), so threads of one process
+    and same-pid processes of different containers sharing the cache never touch each other's file."""
+    from ..shards import atomic_write_bytes
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+    atomic_write_bytes(path, data)
 
 
 def _write_json(path: Path, obj: Any) -> None:
