@@ -324,8 +324,9 @@ def check_removable(directory: str | Path, *, flag: str = "--overwrite") -> None
                 "out of the dataset (or delete them yourself) and run the command again"
             )
         raise NotOwnedError(
-            f"{directory} is not empty and was not made by cocoa (no {MARKER} marker or cocoa manifest); "
-            f"{flag} only deletes cocoa's own output. Remove it yourself if you mean it, or choose another directory"
+            f"{directory} is not empty and was not made by cocoa: it holds files cocoa did not write (no {MARKER} "
+            f"marker or cocoa manifest); {flag} only deletes cocoa's own output. Remove it yourself if you mean it, "
+            "or choose another directory"
         )
 
 

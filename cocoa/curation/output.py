@@ -22,25 +22,15 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..fs import (MARKER, LockedError, NotOwnedError, exclusive_lock, has_content, is_locked, is_owned, mark_owned,
+from ..fs import (LockedError, NotOwnedError, check_removable, exclusive_lock, is_locked, mark_owned,
                   remove_owned_tree)
 from ..shards import ShardError, fsync_dir
 
 
 def check_replaceable(path: Path, command: str) -> None:
-    """Refuse (before any work) an output path that ``command`` could not delete safely afterwards."""
-    if path.is_symlink():
-        raise NotOwnedError(f"{path} is a symbolic link; `{command}` writes a fresh directory there and will not "
-                            "replace a link. Remove the link or choose another --data")
-    if path.exists() and not path.is_dir():
-        raise NotOwnedError(f"{path} is a file, not a directory cocoa made; `{command}` will not replace it. "
-                            "Move it away or choose another --data")
-    if has_content(path) and not is_owned(path):
-        raise NotOwnedError(
-            f"{path} holds files that cocoa did not write (no {MARKER} marker or cocoa manifest); `{command}` "
-            "replaces this directory on every run and only deletes its own output. Move those files away or "
-            "choose another --data"
-        )
+    """Refuse (before any work) an output path that ``command`` could not delete safely afterwards: the
+    same rules :func:`cocoa.fs.remove_owned_tree` applies when it swaps the new output in."""
+    check_removable(path, flag=f"`{command}`")
 
 
 @contextlib.contextmanager
