@@ -1,41 +1,41 @@
-"""The CoCoA-vs-baseline experiment: a miniature of the paper's comparison on the scenes benchmark.
+"""Does reconstruction raise the ceiling? CoCoA (stages 1,2,3) vs the contrastive-only baseline, at the plateau.
 
-    python bench/ablation.py --root runs/ablation              # the full experiment (~100 min on 2 cores; docs/results.md)
-    python bench/ablation.py --root runs/abl-smoke --smoke     # minuscule sizes, end to end (~5 min)
-    python bench/ablation.py --root runs/ablation --plan       # print every command, run nothing
+    python bench/ablation.py --root runs/ablation            # the whole plan (~2.5 h on 2 idle cores)
+    python bench/ablation.py --root runs/abl-quick --quick   # every arm end to end at toy sizes (~2 min)
+    python bench/ablation.py --root runs/ablation --plan     # the tasks and their commands, run nothing
     python bench/ablation.py --root runs/ablation --report-only --png docs/ablation_curves.png
 
-What it does (every step through cocoa's own CLI, logged with its exact command line):
+Design (docs/results.md says why each choice; every training step runs through cocoa's own CLI):
 
-1. data: ``cocoa-data scenes`` (one benchmark build: training pairs + IND/OOD eval sets with held-out
-   colour x shape compositions), ``cocoa-data synth --source scenes`` (teacher captions + QA),
-   ``cocoa-data curate --eval-data`` (decontaminated against that build's eval sets),
-   ``cocoa-data mix --ratio 1:1``; plus an "original only" mixture for the synthetic-off arm: the rows
-   of ``mix/`` whose origin is the original pairs (same rows, no synthetic ones);
-2. the base: ``cocoa-train pretrain-tiny`` -- the tiny Qwen2-VL pre-trained generatively (causal
-   attention, next-token captioning and QA on the benchmark's training images), built once and cached;
-   every arm starts from it;
-3. the arms, each for every seed, from that base, with the same data (``original/`` for stage 3, the
-   1:1 mixture for stages 1-2): ``--stages 3`` (the contrastive-only baseline, VLM2Vec-style), ``1,3``,
-   ``2,3``, ``1,2,3``, and ``1,2,3`` with the original-only mixture (synthetic data off);
-4. stage 3 runs with a constant learning rate after a fixed number of warm-up steps and is
-   checkpointed every ``--eval-every`` steps; every checkpoint (and the stage-3 input, step 0) is scored
-   with cocoa's evaluator on the benchmark's eval sets. Because the schedule does not depend on the run's
-   length, the checkpoint at step t *is* the model a run of t stage-3 steps would give, so one run per
-   arm answers both comparisons:
+* **Data.** Four scenes builds with different seeds: the base's pre-training corpus (``pretrain/``, 4,000
+  pairs), a fixed, modest set of training pairs (``train/``, 1,000 pairs: synthesised, curated against the
+  test sets and mixed 1:1 for stages 1-2; its original pairs are stage 3's data), a **validation** split
+  (``val/``: the five IND sets only) and a **test** split (``test/``: IND and OOD sets; the held-out colour x
+  shape compositions appear only in OOD sets). Selection only ever reads validation; test is read once per
+  run, at the checkpoint validation chose.
+* **Stage 3 to its plateau.** Constant learning rate after a short warm-up, a checkpoint every
+  ``--eval-every`` steps, each scored on validation while training goes on; training is stopped when
+  ``--patience`` evaluations in a row have not beaten the best (early stopping), or at ``--s3-max-steps``.
+  The best validation checkpoint is scored on test.
+* **Tuning, equal effort.** The baseline's stage-3 learning rate is chosen from ``--s3-lrs`` on validation
+  (seed 0); every arm then uses it. Stages 1-2 settings are chosen from as many configurations (full
+  fine-tuning / DoRA adapters on the LLM and ViT projections / the ``strict`` stage-2 mask; MAE ratio 0.3)
+  by the validation score of the 1,2,3 run they lead to (seed 0).
+* **Arms** (3 seeds each, the chosen settings): stage 3 only, 1,2,3, 2,3 and 1,3. Stages 1-2 run as one
+  ``cocoa-train --stages 1,2`` (adapters merged after each stage); the 1,3 arm's stage-3 input is that run's
+  stage-1 model (the same seed gives the same stage 1), 2,3 runs stage 2 alone from the base.
+* **Comparisons.** (a) equal stage-3 budget: each run's best-validation checkpoint (early stopping gives every
+  arm the budget it can use); (b) equal total compute: the best validation checkpoint within
+  ``s3_max_steps`` minus the stage-1/2 work in stage-3-step equivalents (sequences processed). Paired
+  per-seed differences to the baseline.
+* **The mechanism** (``bench/ablation_mechanism.py``) for the base, after stage 1, after stage 2 (and after
+  stage 2 alone), before any contrastive step: zero-shot validation P@1 of the EOS embedding, a linear probe
+  from the frozen EOS state to scene attributes, and stage 2's masked-B accuracy with each sample's own A
+  versus with A (hence the EOS state B reads) taken from another sample.
 
-   (a) same stage-3 budget (the paper's comparison): every arm at step ``--s3-steps``;
-   (b) same total step budget: arms with stages 1/2 read at ``s3_steps - s1_steps - s2_steps``;
-
-   and the learning curves show whether stage 3 reached its plateau.
-
-Runs execute ``--jobs`` at a time, each training process pinned to ``--threads`` torch threads (on 2
-cores: 2 jobs x 1 thread). The experiment is resumable: a run whose ``result.json`` exists is skipped, an
-interrupted run continues from its latest checkpoint (``cocoa-train --resume auto``), and evaluations are
-cached per checkpoint. ``report.json`` / ``report.md`` hold mean +- std over seeds (overall, per meta-task,
-IND/OOD), paired differences to the baseline, and timings; ``--png`` draws the learning curves.
-
-Importable without polars/datasets (they are only imported by the cocoa commands it runs).
+Resumable: finished tasks are skipped (``result.json``), an interrupted training continues from its
+checkpoint (``--resume auto``), evaluations are cached per checkpoint, a stopped run stays stopped.
+Importable without polars/datasets (only the cocoa commands it runs import them).
 """
 
 from __future__ import annotations
@@ -47,24 +47,44 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 META_TASKS = ("classification", "vqa", "retrieval", "grounding")
 SPLITS = ("IND", "OOD")
 COLUMNS = ("overall", *META_TASKS, *SPLITS)
+S3_MAX_LENGTH = 256  # cocoa-train --preset tiny's stage-3 max_length (the spec a stage-3 model is saved with)
+IND_SETS = "SceneCls,SceneVQA,SceneT2I,SceneI2T,SceneGround"
 
-# arm name -> (stages, label, uses synthetic data in stages 1-2)
-ARMS: dict[str, tuple[str, str, bool]] = {
-    "s3": ("3", "stage 3 only (baseline)", False),
-    "s13": ("1,3", "stages 1,3", True),
-    "s23": ("2,3", "stages 2,3", True),
-    "s123": ("1,2,3", "stages 1,2,3 (CoCoA)", True),
-    "s123-orig": ("1,2,3", "stages 1,2,3, original data only", False),
+# arm -> (stages, label)
+ARMS: dict[str, tuple[str, str]] = {
+    "s3": ("3", "stage 3 only (baseline)"),
+    "s123": ("1,2,3", "stages 1,2,3 (CoCoA)"),
+    "s23": ("2,3", "stages 2,3"),
+    "s13": ("1,3", "stages 1,3"),
+}
+
+
+@dataclass
+class PreConfig:
+    """Settings of stages 1-2 (one configuration of the sweep)."""
+
+    method: str = "full"  # full | dora | lora (cocoa-train --lora-method)
+    s1_lr: float = 1e-4
+    s2_lr: float = 3e-4
+    mask_variant: str = "paper"  # stage-2 mask: paper | strict
+    label: str = ""
+
+
+DEFAULT_CONFIGS = {
+    "full": PreConfig("full", 1e-4, 3e-4, "paper", "full fine-tuning, paper mask"),
+    "full-strict": PreConfig("full", 1e-4, 3e-4, "strict", "full fine-tuning, strict mask"),
+    "dora": PreConfig("dora", 3e-4, 1e-3, "paper", "DoRA r=8 alpha=64 on LLM + ViT projections, paper mask"),
 }
 
 
@@ -74,50 +94,72 @@ class Settings:
 
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     arms: list[str] = field(default_factory=lambda: list(ARMS))
-    # benchmark build
-    scenes_train: int = 4000
-    eval_per_task: int = 50
-    distractors: int = 99
-    scenes_seed: int = 0
     image_size: int = 112
-    # generative pre-training of the base
+    # data
+    train_pairs: int = 1000
+    train_seed: int = 0
+    pretrain_pairs: int = 4000
+    pretrain_seed: int = 7
+    val_per_task: int = 100
+    val_seed: int = 101
+    test_per_task: int = 200
+    test_seed: int = 202
+    distractors: int = 49
+    # the base (generative pre-training of the tiny MLLM on its own corpus)
     pretrain_steps: int = 400
-    # training budget (steps; batch sizes and learning rates from cocoa-train's tiny preset unless set)
-    s1_steps: int = 50
-    s2_steps: int = 50
-    s3_steps: int = 400
-    s3_warmup_steps: int = 10
-    s3_batch: int = 32
-    s3_lr: float = 3e-4
-    s12_batch: int = 16
-    eval_every: int = 100
-    eval_batch: int = 32
-    extra_train_args: list[str] = field(default_factory=list)
     extra_pretrain_args: list[str] = field(default_factory=list)
+    # stage 3
+    s3_lrs: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3])
+    s3_max_steps: int = 800
+    s3_batch: int = 32
+    s3_warmup_steps: int = 10
+    eval_every: int = 100
+    patience: int = 2
+    # stages 1-2
+    s1_steps: int = 200
+    s2_steps: int = 200
+    s12_batch: int = 16
+    mae_ratio: float = 0.3
+    text_mask_ratio: float = 0.2
+    b_mask_ratio: float = 0.7
+    lora_r: int = 8
+    lora_alpha: float = 64.0
+    configs: dict[str, dict[str, Any]] = field(default_factory=lambda: {k: asdict(v) for k, v in DEFAULT_CONFIGS.items()})
+    # evaluation and the mechanism probes
+    eval_batch: int = 32
+    probe_train: int = 1000
+    probe_val: int = 500
+    swap_records: int = 192
+    extra_train_args: list[str] = field(default_factory=list)
 
     def check(self) -> None:
         bad = [a for a in self.arms if a not in ARMS]
-        if bad:
-            raise SystemExit(f"unknown arm(s) {bad}; known: {', '.join(ARMS)}")
-        if self.s3_steps % self.eval_every:
-            raise SystemExit(f"--s3-steps {self.s3_steps} must be a multiple of --eval-every {self.eval_every}")
-        if self.s1_steps + self.s2_steps >= self.s3_steps:
-            raise SystemExit(f"stage 1 + stage 2 steps ({self.s1_steps} + {self.s2_steps}) must stay below "
-                             f"--s3-steps {self.s3_steps}, so that comparison (b) reads a stage-3 checkpoint")
+        if bad or "s3" not in self.arms:
+            raise SystemExit(f"--arms must include s3 (the baseline) and name known arms ({', '.join(ARMS)}); got {self.arms}")
+        if self.s3_max_steps % self.eval_every:
+            raise SystemExit(f"--s3-max-steps {self.s3_max_steps} must be a multiple of --eval-every {self.eval_every}")
+        if not self.s3_lrs or not self.configs:
+            raise SystemExit("give at least one stage-3 learning rate and one stage 1-2 configuration")
+        if self.patience < 1:
+            raise SystemExit("--patience must be >= 1")
+        for name, c in self.configs.items():
+            PreConfig(**c)  # raises on unknown keys
+            if c["method"] not in ("full", "dora", "lora") or c["mask_variant"] not in ("paper", "strict"):
+                raise SystemExit(f"configuration {name}: method must be full|dora|lora and mask_variant paper|strict")
 
-    def eval_steps(self, arm: str) -> list[int]:
-        """Stage-3 steps scored for ``arm``: the curve (every ``eval_every``) and the step comparison (b) reads."""
-        return sorted({*range(0, self.s3_steps + 1, self.eval_every), equal_total_step(self, arm)})
-
-    @property
-    def save_every(self) -> int:
-        """Checkpoint interval: every step any arm is scored at is a checkpoint."""
-        return math.gcd(*[s for a in ARMS for s in self.eval_steps(a) if s])
+    def pre_cost(self, stages: str) -> int:
+        """Stage 1-2 work in stage-3-step equivalents (sequences processed: a stage-3 step embeds a query and a
+        target per sample, a stage-1/2 step one sequence per sample), rounded up to a checkpoint interval."""
+        seqs = (self.s1_steps if "1" in stages else 0) * self.s12_batch + (self.s2_steps if "2" in stages else 0) * self.s12_batch
+        steps = seqs / (2 * self.s3_batch)
+        return int(math.ceil(steps / self.eval_every) * self.eval_every) if steps else 0
 
 
-SMOKE = dict(seeds=[0, 1], scenes_train=240, eval_per_task=6, distractors=15, pretrain_steps=8, s1_steps=2,
-             s2_steps=2, s3_steps=8, s3_warmup_steps=1, s3_batch=8, s12_batch=8, eval_every=2, eval_batch=32,
-             extra_pretrain_args=["--align-steps", "2", "--align-batch-size", "8"])
+QUICK = dict(seeds=[0, 1], train_pairs=120, pretrain_pairs=160, val_per_task=4, test_per_task=4, distractors=7,
+             pretrain_steps=6, extra_pretrain_args=["--align-steps", "2", "--align-batch-size", "8"],
+             s3_lrs=[3e-4, 1e-3], s3_max_steps=6, s3_batch=8, s3_warmup_steps=1, eval_every=2, patience=1,
+             s1_steps=2, s2_steps=2, s12_batch=4, probe_train=40, probe_val=20, swap_records=8,
+             configs={k: asdict(DEFAULT_CONFIGS[k]) for k in ("full", "dora")})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -126,24 +168,20 @@ SMOKE = dict(seeds=[0, 1], scenes_train=240, eval_per_task=6, distractors=15, pr
 class Paths:
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.scenes = root / "scenes"
+        self.pretrain = root / "scenes-pretrain"  # the base's corpus
+        self.train = root / "scenes-train"  # the fixed training pairs (original/)
+        self.val = root / "scenes-val"  # validation: IND sets
+        self.test = root / "scenes-test"  # test: IND + OOD sets
         self.data = root / "data"  # cocoa workspace: original/, synthetic/, curated/, mix/
-        self.orig_mix = root / "data-orig" / "mix"  # MixRecords of original origin only
         self.base = root / "base"
         self.runs = root / "runs"
-        self.cache = root / "cache"
+        self.mech = root / "mechanism"
         self.logs = root / "logs"
         self.settings = root / "settings.json"
+        self.choices = root / "choices.json"
         self.report_json = root / "report.json"
         self.report_md = root / "report.md"
         self.commands = root / "commands.sh"
-
-    def run_dir(self, name: str) -> Path:
-        return self.runs / name
-
-
-def run_name(arm: str, seed: int) -> str:
-    return f"{arm}-seed{seed}"
 
 
 def now() -> str:
@@ -168,17 +206,11 @@ def bin_env(threads: int | None = None) -> dict[str, str]:
 def record_command(paths: Paths, cmd: list[str], note: str = "") -> None:
     paths.root.mkdir(parents=True, exist_ok=True)
     with open(paths.commands, "a") as f:
-        if note:
-            f.write(f"# {note}\n")
-        f.write(shlex.join(cmd) + "\n")
+        f.write((f"# {note}\n" if note else "") + shlex.join(cmd) + "\n")
 
 
-def sh(paths: Paths, cmd: list[str], log_file: Path, *, threads: int | None = None, note: str = "",
-       plan: bool = False) -> float:
-    """Run one CLI command (printed first), output to ``log_file``; raise with the log's tail on failure."""
-    print(f"$ {shlex.join(cmd)}", flush=True)
-    if plan:
-        return 0.0
+def sh(paths: Paths, cmd: list[str], log_file: Path, *, threads: int | None = None, note: str = "") -> float:
+    """Run one CLI command (logged), output to ``log_file``; raise with the log's tail on failure."""
     record_command(paths, cmd, note)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -186,20 +218,16 @@ def sh(paths: Paths, cmd: list[str], log_file: Path, *, threads: int | None = No
         out.write(f"\n$ {shlex.join(cmd)}\n")
         out.flush()
         rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, env=bin_env(threads), stdin=subprocess.DEVNULL)
-    dt = time.time() - t0
     if rc != 0:
         tail = log_file.read_text(errors="replace").splitlines()[-25:]
-        raise SystemExit(f"command failed (exit {rc}) after {dt:.0f}s: {shlex.join(cmd)}\nlog {log_file}:\n"
-                         + "\n".join(tail))
-    return dt
+        raise SystemExit(f"command failed (exit {rc}): {shlex.join(cmd)}\nlog {log_file}:\n" + "\n".join(tail))
+    return time.time() - t0
 
 
-def is_complete_dataset(path: Path) -> bool:
+def complete(path: Path) -> bool:
     m = path / "manifest.json"
-    if not m.is_file():
-        return False
     try:
-        return bool(json.loads(m.read_text()).get("complete"))
+        return m.is_file() and bool(json.loads(m.read_text()).get("complete"))
     except (OSError, json.JSONDecodeError):
         return False
 
@@ -211,234 +239,199 @@ def atomic_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_avg() -> float:
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 # ---------------------------------------------------------------------------------------------------
-# 1-2: data and base model
+# preparation: the four scenes builds, the training workspace, the base
 # ---------------------------------------------------------------------------------------------------
-def prepare(paths: Paths, st: Settings, threads: int, plan: bool = False) -> dict[str, float]:
-    """Benchmark build, synthesis, curation, mixtures, the generatively pre-trained base; returns timings."""
+def prepare(paths: Paths, st: Settings, threads: int) -> dict[str, float]:
     t: dict[str, float] = {}
     lg = paths.logs / "prepare.log"
-    if (paths.scenes / "benchmark.json").is_file():
-        log(f"scenes benchmark: reusing {paths.scenes}")
-    else:
-        t["scenes"] = sh(paths, ["cocoa-data", "scenes", "--out", str(paths.scenes), "--train", str(st.scenes_train),
-                                 "--eval-per-task", str(st.eval_per_task), "--distractors", str(st.distractors),
-                                 "--seed", str(st.scenes_seed), "--image-size", str(st.image_size)],
-                         lg, threads=threads, note="benchmark build (training pairs + IND/OOD eval sets)", plan=plan)
-    # synth resumes by itself: finished requests are skipped
-    t["synth"] = sh(paths, ["cocoa-data", "synth", "--source", "scenes", "--scenes-dir", str(paths.scenes),
-                            "--out", str(paths.data), "--no-progress"],
-                    lg, threads=threads, note="teacher captions + QA for every training image", plan=plan)
-    if is_complete_dataset(paths.data / "mix") and not plan:
-        log(f"curation + mix: reusing {paths.data / 'mix'}")
-    else:
+    builds = [
+        (paths.pretrain, st.pretrain_pairs, 0, st.pretrain_seed, None, "the base's pre-training corpus"),
+        (paths.train, st.train_pairs, 0, st.train_seed, None, "the fixed training pairs"),
+        (paths.val, 0, st.val_per_task, st.val_seed, IND_SETS, "validation: IND sets only"),
+        (paths.test, 0, st.test_per_task, st.test_seed, None, "test: IND and OOD sets"),
+    ]
+    for root, n_train, per_task, seed, sets, note in builds:
+        if (root / "benchmark.json").is_file():
+            continue
+        cmd = ["cocoa-data", "scenes", "--out", str(root), "--train", str(n_train), "--eval-per-task", str(per_task),
+               "--distractors", str(st.distractors), "--seed", str(seed), "--image-size", str(st.image_size)]
+        if sets or not per_task:
+            cmd += ["--datasets", sets or "SceneCls"]
+        t[f"scenes:{root.name}"] = sh(paths, cmd, lg, threads=threads, note=note)
+    t["synth"] = sh(paths, ["cocoa-data", "synth", "--source", "scenes", "--scenes-dir", str(paths.train),
+                            "--out", str(paths.data), "--no-progress"], lg, threads=threads,
+                    note="teacher captions + QA for every training image")
+    if not complete(paths.data / "mix"):
         t["curate"] = sh(paths, ["cocoa-data", "curate", "--data", str(paths.data), "--eval-data",
-                                 str(paths.scenes / "eval"), "--no-progress"],
-                         lg, threads=threads, note="filter, dedupe, decontaminate against the eval sets", plan=plan)
+                                 str(paths.test / "eval"), "--no-progress"], lg, threads=threads,
+                         note="filter, dedupe, decontaminate against the test sets")
         t["mix"] = sh(paths, ["cocoa-data", "mix", "--ratio", "1:1", "--data", str(paths.data), "--no-progress"],
-                      lg, threads=threads, note="original:synthetic 1:1", plan=plan)
-    if not plan:
-        t["orig_mix"] = original_only_mix(paths)
-    else:
-        print(f"# (python) rows of {paths.data / 'mix'} with origin=original -> {paths.orig_mix}")
-    if (paths.base / "cocoa.json").is_file():
-        log(f"base model: reusing {paths.base}")
-    else:
-        t["pretrain"] = sh(paths, ["cocoa-train", "pretrain-tiny", "--data", str(paths.scenes), "--steps",
+                      lg, threads=threads, note="original:synthetic 1:1 (stages 1-2)")
+    if not (paths.base / "cocoa.json").is_file():
+        t["pretrain"] = sh(paths, ["cocoa-train", "pretrain-tiny", "--data", str(paths.pretrain), "--steps",
                                    str(st.pretrain_steps), "--out", str(paths.base), "--no-progress",
-                                   *st.extra_pretrain_args],
-                           lg, threads=threads, note="generative pre-training of the tiny MLLM (cached)", plan=plan)
-    diag = paths.root / "base_image_dependence.json"
-    if not plan and not diag.is_file():
-        try:
-            d = image_dependence(paths.base)
-        except Exception as e:  # a diagnostic: report it missing rather than stop the experiment
-            d = {"error": f"{type(e).__name__}: {e}"}
-        atomic_json(diag, d)
-        log(f"base image dependence (held-out loss, true vs shuffled images): {d}")
+                                   *st.extra_pretrain_args], lg, threads=threads,
+                           note="generative pre-training of the tiny MLLM on its own corpus")
     return t
 
 
-def original_only_mix(paths: Paths) -> float:
-    """The synthetic-off mixture: exactly the original-origin rows of the 1:1 mixture."""
-    if is_complete_dataset(paths.orig_mix):
-        return 0.0
-    t0 = time.time()
-    from cocoa.shards import open_dataset, write_records
-
-    src = open_dataset(paths.data / "mix", record_type="MixRecord")
-    rows = [r for r in src if r.origin == "original"]
-    if not rows:
-        raise SystemExit(f"{paths.data / 'mix'} has no original rows; rebuild it with cocoa-data mix")
-    write_records(paths.orig_mix, "MixRecord", rows, overwrite=True,
-                  provenance={"stage": "ablation-original-only", "from": str(paths.data / "mix"), "rows": len(rows)})
-    log(f"original-only mixture: {len(rows)} of {len(src)} rows -> {paths.orig_mix}")
-    return time.time() - t0
-
-
-def image_dependence(base: Path, n_pairs: int = 200, seed: int = 7) -> dict[str, Any]:
-    """Does the generatively pre-trained base read its images? Its held-out response loss with the right
-    images vs. with images shuffled across examples (the diagnostic of docs/models.md): no gap means a
-    language prior only. Uses fresh scenes (``seed``), never the benchmark's."""
-    import random
-    from dataclasses import replace
-
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from cocoa.sources import scenes
-    from cocoa.tiny import pretrain as P
-
-    model = AutoModelForImageTextToText.from_pretrained(str(base)).eval()
-    proc = AutoProcessor.from_pretrained(str(base))
-    batcher = P._Batcher(proc, "<|endoftext|>", 256, None)
-    out: dict[str, Any] = {"pairs": n_pairs, "seed": seed}
-    recs = list(scenes.iter_train_pairs(n_pairs, seed=seed))
-    for kind in ("caption", "pair"):
-        exs = [e for r in recs for e in P.examples_from_record(r) if e.kind == kind][:64]
-        imgs = [e.image for e in exs]
-        random.Random(0).shuffle(imgs)
-        for name, ex in (("true", exs), ("shuffled", [replace(e, image=i) for e, i in zip(exs, imgs)])):
-            with torch.no_grad():
-                losses = [P.response_loss(model, batcher(ex[i:i + 16])).item() for i in range(0, len(ex), 16)]
-            out[f"{kind}_{name}"] = round(sum(losses) / len(losses), 4)
-        out[f"{kind}_gap"] = round(out[f"{kind}_shuffled"] - out[f"{kind}_true"], 4)
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------
-# 3-4: one run = train (CLI) + evaluate its stage-3 checkpoints (in this process)
+# tasks
 # ---------------------------------------------------------------------------------------------------
-def train_command(paths: Paths, st: Settings, arm: str, seed: int) -> list[str]:
-    stages, _, synthetic = ARMS[arm]
-    out = paths.run_dir(run_name(arm, seed))
-    warm = st.s3_warmup_steps / st.s3_steps
+@dataclass
+class Task:
+    name: str
+    kind: str  # pre | s3 | mech
+    deps: list[str]
+    info: dict[str, Any]
+
+
+def fmt_lr(lr: float) -> str:
+    return f"{lr:g}"
+
+
+def pre_name(cfg: str, stages: str, seed: int) -> str:
+    return f"pre-{cfg}-{stages.replace(',', '')}-seed{seed}"
+
+
+def s3_name(arm: str, cfg: str | None, lr: float, seed: int) -> str:
+    return f"{arm}{'-' + cfg if cfg and arm != 's3' else ''}-lr{fmt_lr(lr)}-seed{seed}"
+
+
+def pre_command(paths: Paths, st: Settings, cfg_name: str, stages: str, seed: int) -> list[str]:
+    c = PreConfig(**st.configs[cfg_name])
+    out = paths.runs / pre_name(cfg_name, stages, seed) / "train"
     cmd = ["cocoa-train", "--stages", stages, "--data", str(paths.data), "--model", str(paths.base),
-           "--preset", "tiny", "--out", str(out), "--seed", str(seed), "--no-progress", "--log-every", "5",
-           "--keep-checkpoints", "1000",
-           "--stage3-steps", str(st.s3_steps), "--stage3-batch-size", str(st.s3_batch),
-           "--stage3-micro-batch-size", str(st.s3_batch), "--no-stage3-grad-cache",
-           "--stage3-lr", f"{st.s3_lr:g}", "--stage3-schedule", "constant",
-           "--stage3-warmup-ratio", f"{warm:.6g}", "--stage3-save-every", str(st.save_every)]
+           "--preset", "tiny", "--out", str(out), "--seed", str(seed), "--no-progress", "--log-every", "10",
+           "--resume", "auto", "--lora-method", c.method]
+    if c.method != "full":
+        cmd += ["--lora-r", str(st.lora_r), "--lora-alpha", f"{st.lora_alpha:g}", "--lora-train-vision"]
+    for k, steps, lr in (("1", st.s1_steps, c.s1_lr), ("2", st.s2_steps, c.s2_lr)):
+        if k in stages:
+            cmd += [f"--stage{k}-steps", str(steps), f"--stage{k}-batch-size", str(st.s12_batch),
+                    f"--stage{k}-micro-batch-size", str(st.s12_batch), f"--stage{k}-lr", fmt_lr(lr),
+                    f"--stage{k}-schedule", "constant", f"--stage{k}-warmup-ratio", "0.05",
+                    f"--stage{k}-save-every", str(max(1, steps // 2))]
     if "1" in stages:
-        cmd += ["--stage1-steps", str(st.s1_steps), "--stage1-batch-size", str(st.s12_batch),
-                "--stage1-micro-batch-size", str(st.s12_batch)]
+        cmd += ["--stage1-image-mask-ratio", f"{st.mae_ratio:g}", "--stage1-text-mask-ratio", f"{st.text_mask_ratio:g}"]
     if "2" in stages:
-        cmd += ["--stage2-steps", str(st.s2_steps), "--stage2-batch-size", str(st.s12_batch),
-                "--stage2-micro-batch-size", str(st.s12_batch)]
-    if not synthetic and stages != "3":
-        for k in ("1", "2"):
-            if k in stages:
-                cmd += [f"--stage{k}-data", str(paths.orig_mix.resolve())]
+        cmd += ["--stage2-mask-variant", c.mask_variant, "--stage2-b-mask-ratio", f"{st.b_mask_ratio:g}"]
     return cmd + list(st.extra_train_args)
 
 
-_EVAL_SETS: dict[str, Any] = {}
+def s3_command(paths: Paths, st: Settings, name: str, input_model: Path, lr: float, seed: int) -> list[str]:
+    cmd = ["cocoa-train", "--stages", "3", "--data", str(paths.data), "--model", str(input_model),
+           "--preset", "tiny", "--out", str(paths.runs / name / "train"), "--seed", str(seed), "--no-progress",
+           "--log-every", "10", "--resume", "auto", "--lora-method", "full", "--keep-checkpoints", "100000",
+           "--stage3-steps", str(st.s3_max_steps), "--stage3-batch-size", str(st.s3_batch),
+           "--stage3-micro-batch-size", str(st.s3_batch), "--no-stage3-grad-cache", "--stage3-lr", fmt_lr(lr),
+           "--stage3-schedule", "constant", "--stage3-warmup-ratio", f"{st.s3_warmup_steps / st.s3_max_steps:.6g}",
+           "--stage3-save-every", str(st.eval_every)]
+    return cmd + list(st.extra_train_args)
 
 
-def eval_model(model_dir: Path, paths: Paths, st: Settings, out: Path) -> dict[str, Any]:
-    """Score a model directory on the benchmark (cached in ``out/results.json``)."""
+def stage3_input(paths: Paths, arm: str, cfg: str | None, seed: int) -> tuple[Path, str | None]:
+    """The model stage 3 starts from, and the pre-task that makes it."""
+    if arm == "s3":
+        return paths.base, None
+    if arm == "s23":
+        n = pre_name(cfg, "2", seed)
+        return paths.runs / n / "train" / "stage2" / "model", n
+    n = pre_name(cfg, "1,2", seed)
+    return paths.runs / n / "train" / ("stage1" if arm == "s13" else "stage2") / "model", n
+
+
+def plan_tasks(paths: Paths, st: Settings, choices: dict[str, Any]) -> list[Task]:
+    """Every task known so far: the two sweeps (seed 0) always; the main arms once both choices are made."""
+    tasks: dict[str, Task] = {}
+
+    def add_s3(arm: str, cfg: str | None, lr: float, seed: int) -> None:
+        name = s3_name(arm, cfg, lr, seed)
+        model, pre = stage3_input(paths, arm, cfg, seed)
+        if pre and pre not in tasks:
+            stages = "2" if arm == "s23" else "1,2"
+            tasks[pre] = Task(pre, "pre", [], {"cfg": cfg, "stages": stages, "seed": seed})
+        tasks.setdefault(name, Task(name, "s3", [pre] if pre else [],
+                                    {"arm": arm, "cfg": cfg, "lr": lr, "seed": seed, "input": str(model)}))
+
+    s0 = st.seeds[0]
+    for lr in st.s3_lrs:  # stage-3 lr of the baseline, on validation
+        add_s3("s3", None, lr, s0)
+    for cfg in st.configs:  # stage-1/2 configurations (their stage 1,2 runs start at once)
+        stages = "1,2"
+        n = pre_name(cfg, stages, s0)
+        tasks.setdefault(n, Task(n, "pre", [], {"cfg": cfg, "stages": stages, "seed": s0}))
+    lr = choices.get("s3_lr")
+    if lr is not None:
+        for cfg in st.configs:
+            add_s3("s123", cfg, lr, s0)
+    cfg = choices.get("config")
+    if lr is not None and cfg is not None:
+        for seed in st.seeds:
+            for arm in st.arms:
+                add_s3(arm, cfg, lr, seed)
+            # the mechanism, per seed: base, after stage 1, after stage 2, after stage 2 alone
+            deps = [pre_name(cfg, "1,2", seed)] + ([pre_name(cfg, "2", seed)] if "s23" in st.arms else [])
+            m = f"mech-seed{seed}"
+            tasks.setdefault(m, Task(m, "mech", deps, {"cfg": cfg, "seed": seed}))
+    return list(tasks.values())
+
+
+def choose(paths: Paths, st: Settings) -> dict[str, Any]:
+    """The sweeps' choices, made from validation scores only, as soon as their runs have finished."""
+    ch = read_json(paths.choices) or {}
+    s0 = st.seeds[0]
+    if "s3_lr" not in ch:
+        res = {lr: read_json(paths.runs / s3_name("s3", None, lr, s0) / "result.json") for lr in st.s3_lrs}
+        if all(res.values()):
+            best = max(st.s3_lrs, key=lambda lr: (res[lr]["best"]["val"], -lr))
+            ch["s3_lr"] = best
+            ch["s3_lr_sweep"] = {fmt_lr(lr): res[lr]["best"]["val"] for lr in st.s3_lrs}
+            log(f"chosen stage-3 lr {fmt_lr(best)} (validation P@1 {ch['s3_lr_sweep']})")
+            atomic_json(paths.choices, ch)
+    if "s3_lr" in ch and "config" not in ch:
+        res = {c: read_json(paths.runs / s3_name("s123", c, ch["s3_lr"], s0) / "result.json") for c in st.configs}
+        if all(res.values()):
+            order = list(st.configs)
+            best = max(order, key=lambda c: (res[c]["best"]["val"], -order.index(c)))
+            ch["config"] = best
+            ch["config_sweep"] = {c: res[c]["best"]["val"] for c in order}
+            log(f"chosen stage 1-2 configuration {best} (validation P@1 of its 1,2,3 run {ch['config_sweep']})")
+            atomic_json(paths.choices, ch)
+    return ch
+
+
+# ---------------------------------------------------------------------------------------------------
+# evaluation of checkpoints
+# ---------------------------------------------------------------------------------------------------
+_SETS: dict[str, Any] = {}
+
+
+def eval_model(model_dir: Path, split_root: Path, st: Settings, out: Path) -> dict[str, Any]:
+    """Score a model directory on one split (cached in ``out/results.json``); returns the flat scores."""
     res = out / "results.json"
-    if res.is_file():
-        return json.loads(res.read_text())
-    from cocoa.eval import evaluate
-    from cocoa.eval.evaluator import load_sets
+    if not res.is_file():
+        from cocoa.eval import evaluate
+        from cocoa.eval.evaluator import load_sets
 
-    if "sets" not in _EVAL_SETS:  # read the eval sets (and their images) once per process
-        _EVAL_SETS["sets"] = load_sets("scenes", data=str(paths.scenes))
-    r = evaluate(str(model_dir), "scenes", out=str(out), cache=False, sets=_EVAL_SETS["sets"],
-                 batch_size=st.eval_batch, device="cpu", dtype="float32", plot=False, quiet=True)
-    return r.model_dump(mode="json")
-
-
-def materialize(ckpt: Path, like_model: Path, dest: Path) -> Path:
-    """A model directory (HF weights + processor + cocoa.json of ``like_model``) with a checkpoint's weights.
-
-    Stage 3 trains every weight here (``--preset tiny``: full fine-tuning), so ``weights.safetensors`` holds
-    the whole model under ``CocoaModel`` names (``model.`` + the HF module names)."""
-    import torch
-    from safetensors.torch import load_file
-    from transformers import AutoModelForImageTextToText
-
-    if (dest / "model.safetensors").is_file():
-        return dest
-    weights = load_file(str(ckpt / "weights.safetensors"))
-    sd = {k[len("model."):]: v for k, v in weights.items() if k.startswith("model.")}
-    if len(sd) != len(weights):
-        raise SystemExit(f"{ckpt}: unexpected parameter names (not a full fine-tuning checkpoint of CocoaModel)")
-    hf = AutoModelForImageTextToText.from_pretrained(str(like_model), dtype=torch.float32)
-    got = hf.load_state_dict(sd, strict=False)
-    tied = {"lm_head.weight"} if getattr(hf.config, "tie_word_embeddings", False) or getattr(
-        getattr(hf.config, "text_config", None), "tie_word_embeddings", False) else set()
-    if got.unexpected_keys or set(got.missing_keys) - tied:
-        raise SystemExit(f"{ckpt} does not fit {like_model}: missing {got.missing_keys[:3]}, "
-                         f"unexpected {got.unexpected_keys[:3]}")
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    hf.save_pretrained(str(tmp))
-    for f in like_model.iterdir():  # processor, tokenizer, cocoa.json: as the finished stage-3 model has them
-        if f.is_file() and not f.name.startswith("model") and f.name not in ("config.json", "generation_config.json"):
-            shutil.copy2(f, tmp / f.name)
-    os.replace(tmp, dest)
-    return dest
-
-
-def stage3_input(paths: Paths, run: Path, stages: str) -> Path:
-    prev = [k for k in stages.split(",") if k != "3"]
-    return run / f"stage{prev[-1]}" / "model" if prev else paths.base
-
-
-def worker(paths: Paths, st: Settings, arm: str, seed: int, threads: int) -> dict[str, Any]:
-    """Train one run through the CLI, then score its stage-3 input and checkpoints; write result.json."""
-    name = run_name(arm, seed)
-    run = paths.run_dir(name)
-    result_file = run / "result.json"
-    if result_file.is_file():
-        return json.loads(result_file.read_text())
-    import torch
-
-    torch.set_num_threads(threads)
-    stages = ARMS[arm][0]
-    cmd = train_command(paths, st, arm, seed)
-    t0 = time.time()
-    sh(paths, cmd, paths.logs / f"{name}.log", threads=threads, note=f"run {name}")
-    t_train = time.time() - t0
-    final = run / "stage3" / "model"
-    ckpts = {int(p.name.split("-")[1]): p for p in (run / "stage3" / "checkpoints").glob("step-*")
-             if (p / "state.json").is_file()}
-    curve: dict[int, dict[str, Any]] = {}
-    t1 = time.time()
-    for step in st.eval_steps(arm):
-        out = run / "evals" / f"step-{step:06d}"
-        if step == 0:
-            model = stage3_input(paths, run, stages)
-        elif step == st.s3_steps:
-            model = final
-        else:
-            if (out / "results.json").is_file():
-                model = None
-            elif step not in ckpts:
-                raise SystemExit(f"{name}: no stage-3 checkpoint at step {step} in {run / 'stage3' / 'checkpoints'}")
-            else:
-                model = materialize(ckpts[step], final, run / "evals" / f"model-{step:06d}")
-        r = eval_model(model, paths, st, out) if model is not None else json.loads((out / "results.json").read_text())
-        curve[step] = flat(r)
-        if model is not None and model.name.startswith("model-"):
-            shutil.rmtree(model, ignore_errors=True)  # keep the scores, not the intermediate weights
-        log(f"{name}: stage-3 step {step:>4}: P@1 overall {curve[step]['overall']:.3f}")
-    t_eval = time.time() - t1
-    seconds = {}
-    for k in stages.split(","):
-        s = run / f"stage{k}" / "summary.json"
-        if s.is_file():
-            seconds[f"stage{k}"] = json.loads(s.read_text()).get("seconds")
-    result = {"arm": arm, "seed": seed, "stages": stages, "command": shlex.join(cmd), "curve": curve,
-              "final": curve[st.s3_steps], "seconds": {"train": round(t_train, 1), "eval": round(t_eval, 1),
-                                                      **seconds}, "settings": asdict(st)}
-    atomic_json(result_file, result)
-    for k in stages.split(","):  # checkpoints were only needed for the curve (and resuming)
-        shutil.rmtree(run / f"stage{k}" / "checkpoints", ignore_errors=True)
-    return result
+        key = str(split_root)
+        if key not in _SETS:  # read each split (and its images) once per process
+            _SETS[key] = load_sets("scenes", data=str(split_root))
+        evaluate(str(model_dir), "scenes", out=str(out), cache=False, sets=_SETS[key], batch_size=st.eval_batch,
+                 device="cpu", dtype="float32", plot=False, quiet=True)
+    return flat(json.loads(res.read_text()))
 
 
 def flat(r: dict[str, Any]) -> dict[str, Any]:
@@ -446,103 +439,288 @@ def flat(r: dict[str, Any]) -> dict[str, Any]:
     out.update({m: (r.get("meta_tasks") or {}).get(m) for m in META_TASKS})
     out.update({s: (r.get("splits") or {}).get(s) for s in SPLITS})
     out["datasets"] = {n: d["p_at_1"] for n, d in (r.get("datasets") or {}).items()}
+    out["chance"] = (sum(1.0 / d["n_candidates"] for d in (r.get("datasets") or {}).values() if d.get("n_candidates"))
+                     / max(1, len(r.get("datasets") or {})))
     return out
 
 
+def materialize(ckpt: Path, input_model: Path, dest: Path) -> Path:
+    """A model directory from a stage-3 checkpoint: the input model's architecture, processor and embedding
+    spec (with the attention stage 3 trains and pools with) and the checkpoint's weights. Stage 3 here is full
+    fine-tuning, so ``weights.safetensors`` holds the whole model under ``CocoaModel`` names."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    from cocoa.model.spec import EmbeddingSpec
+
+    if (dest / "model.safetensors").is_file():
+        return dest
+    weights = load_file(str(ckpt / "weights.safetensors"))
+    sd = {k[len("model."):]: v for k, v in weights.items() if k.startswith("model.")}
+    if len(sd) != len(weights):
+        raise SystemExit(f"{ckpt}: unexpected parameter names (not a full fine-tuning checkpoint of CocoaModel)")
+    hf = AutoModelForImageTextToText.from_pretrained(str(input_model), dtype=torch.float32)
+    got = hf.load_state_dict(sd, strict=False)
+    tied = {"lm_head.weight"} if getattr(getattr(hf.config, "text_config", hf.config), "tie_word_embeddings",
+                                         getattr(hf.config, "tie_word_embeddings", False)) else set()
+    if got.unexpected_keys or set(got.missing_keys) - tied:
+        raise SystemExit(f"{ckpt} does not fit {input_model}: missing {got.missing_keys[:3]}, unexpected "
+                         f"{got.unexpected_keys[:3]}")
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    hf.save_pretrained(str(tmp))
+    for f in input_model.iterdir():  # processor and tokenizer files
+        if f.is_file() and not f.name.startswith("model") and f.name not in ("config.json", "generation_config.json",
+                                                                              "cocoa.json"):
+            shutil.copy2(f, tmp / f.name)
+    # the spec cocoa-train writes for the finished stage-3 model (tests/test_ablation.py checks they agree)
+    spec = EmbeddingSpec.load(input_model)
+    spec = spec.model_copy(update={"attention": "bidirectional", "max_length": S3_MAX_LENGTH,
+                                   "stages": sorted({*spec.stages, 3})})
+    spec.save(tmp)
+    os.replace(tmp, dest)
+    return dest
+
+
+def checkpoints(run: Path) -> dict[int, Path]:
+    d = run / "train" / "stage3" / "checkpoints"
+    return {int(p.name.split("-")[1]): p for p in d.glob("step-*") if (p / "state.json").is_file()} if d.is_dir() else {}
+
+
+def best_step(curve: dict[int, float], limit: int | None = None) -> int:
+    """The step with the highest validation score (ties: the earliest), among steps <= ``limit``."""
+    steps = sorted(s for s in curve if limit is None or s <= limit)
+    return max(steps, key=lambda s: (curve[s], -s))
+
+
+def should_stop(curve: dict[int, float], patience: int) -> bool:
+    """Early stopping: the last ``patience`` evaluations did not beat the best before them."""
+    steps = sorted(curve)
+    if len(steps) <= patience:
+        return False
+    before = max(curve[s] for s in steps[:-patience])
+    return all(curve[s] <= before for s in steps[-patience:])
+
+
+def s3_worker(paths: Paths, st: Settings, task: Task, threads: int) -> dict[str, Any]:
+    """Train stage 3 (a subprocess), scoring each checkpoint on validation as it appears; stop early; score the
+    chosen checkpoints on test; write result.json."""
+    run = paths.runs / task.name
+    result_file = run / "result.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    import torch
+
+    torch.set_num_threads(threads)
+    i = task.info
+    input_model = Path(i["input"])
+    cmd = s3_command(paths, st, task.name, input_model, i["lr"], i["seed"])
+    stopped_file = run / "stopped.json"
+    finished = (run / "train" / "stage3" / "summary.json").is_file()
+    proc = None
+    t0 = time.time()
+    if not stopped_file.is_file() and not finished:
+        record_command(paths, cmd, f"stage 3 of {task.name}")
+        lf = open(paths.logs / f"{task.name}.train.log", "a")
+        proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, env=bin_env(threads),
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    curve: dict[int, float] = {}
+    val_steps = list(range(0, st.s3_max_steps + 1, st.eval_every))
+    stop_at = None
+    t_eval = 0.0
+    try:
+        while True:
+            alive = proc is not None and proc.poll() is None
+            ck = checkpoints(run)
+            progressed = False
+            for s in val_steps:
+                if s in curve:
+                    continue
+                if s == 0:
+                    model = input_model
+                elif s in ck:
+                    model = materialize(ck[s], input_model, run / "models" / f"step-{s:06d}")
+                else:
+                    break  # in order: wait for this checkpoint
+                te = time.time()
+                curve[s] = eval_model(model, paths.val, st, run / "evals" / f"val-step-{s:06d}")["overall"]
+                t_eval += time.time() - te
+                progressed = True
+                log(f"{task.name}: step {s:>5} validation P@1 {curve[s]:.4f}")
+                if should_stop(curve, st.patience):
+                    stop_at = s
+                    break
+            if stop_at is not None:
+                if proc is not None and proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    try:
+                        proc.wait(60)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        proc.wait()
+                atomic_json(stopped_file, {"step": stop_at, "reason": f"no validation gain in {st.patience} evaluations"})
+                break
+            if len(curve) == len(val_steps) or (stopped_file.is_file() and not progressed):
+                break
+            if not alive and not progressed:
+                if proc is not None and proc.returncode not in (0, None):
+                    raise SystemExit(f"{task.name}: cocoa-train failed (exit {proc.returncode}); see "
+                                     f"{paths.logs / (task.name + '.train.log')}")
+                if not [s for s in val_steps if s not in curve and (s in checkpoints(run))]:
+                    if proc is None and not finished and not stopped_file.is_file():
+                        raise SystemExit(f"{task.name}: no training process and no checkpoints left to score")
+                    break
+            if not progressed:
+                time.sleep(3)
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    t_train = time.time() - t0 - t_eval
+    stopped = read_json(stopped_file)
+    # (a) the best validation checkpoint; (b) the best within the equal-compute limit
+    stages = ARMS[i["arm"]][0]
+    limit = st.s3_max_steps - st.pre_cost(stages)
+    picks = {"a": best_step(curve), "b": best_step(curve, limit)}
+    tests: dict[int, dict[str, Any]] = {}
+    ck = checkpoints(run)
+    for s in sorted(set(picks.values())):
+        model = input_model if s == 0 else materialize(ck[s], input_model, run / "models" / f"step-{s:06d}")
+        tests[s] = eval_model(model, paths.test, st, run / "evals" / f"test-step-{s:06d}")
+    seconds = {"wall": round(time.time() - t0, 1), "eval": round(t_eval, 1)}
+    summ = read_json(run / "train" / "stage3" / "summary.json")
+    if summ:
+        seconds["stage3"] = summ.get("seconds")
+    result = {"name": task.name, **i, "stages": stages, "command": shlex.join(cmd),
+              "val_curve": {str(k): v for k, v in sorted(curve.items())}, "stopped": stopped,
+              "best": {"step": picks["a"], "val": curve[picks["a"]], "test": tests[picks["a"]]},
+              "equal_compute": {"limit": limit, "step": picks["b"], "val": curve[picks["b"]], "test": tests[picks["b"]]},
+              "step0_val": curve.get(0), "seconds": seconds, "load_avg": load_avg()}
+    atomic_json(result_file, result)
+    shutil.rmtree(run / "train" / "stage3" / "checkpoints", ignore_errors=True)
+    shutil.rmtree(run / "models", ignore_errors=True)
+    return result
+
+
+def pre_worker(paths: Paths, st: Settings, task: Task, threads: int) -> dict[str, Any]:
+    out = paths.runs / task.name
+    res = out / "result.json"
+    if res.is_file():
+        return json.loads(res.read_text())
+    i = task.info
+    cmd = pre_command(paths, st, i["cfg"], i["stages"], i["seed"])
+    dt = sh(paths, cmd, paths.logs / f"{task.name}.log", threads=threads, note=f"stages {i['stages']} of {task.name}")
+    summ = {}
+    for k in i["stages"].split(","):
+        s = read_json(out / "train" / f"stage{k}" / "summary.json") or {}
+        summ[f"stage{k}"] = {key: s.get(key) for key in ("seconds", "steps", "final_loss", "loss_first", "loss_last")
+                             if key in s} | {"summary": s}
+        shutil.rmtree(out / "train" / f"stage{k}" / "checkpoints", ignore_errors=True)
+    r = {"name": task.name, **i, "command": shlex.join(cmd), "seconds": round(dt, 1), "stages_summary": summ}
+    atomic_json(res, r)
+    return r
+
+
+def mech_worker(paths: Paths, st: Settings, task: Task, threads: int) -> dict[str, Any]:
+    out = paths.mech / f"seed{task.info['seed']}.json"
+    if out.is_file():
+        return json.loads(out.read_text())
+    import torch
+
+    torch.set_num_threads(threads)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import ablation_mechanism as M
+
+    cfg, seed = task.info["cfg"], task.info["seed"]
+    models = {"base": paths.base, "stage 1": stage3_input(paths, "s13", cfg, seed)[0],
+              "stages 1,2": stage3_input(paths, "s123", cfg, seed)[0]}
+    if "s23" in st.arms:
+        models["stage 2 alone"] = stage3_input(paths, "s23", cfg, seed)[0]
+    res = M.measure_all(models, train_root=paths.train, val_seed=st.val_seed, mix=paths.data / "mix",
+                        n_probe_train=st.probe_train, n_probe_val=st.probe_val, n_swap=st.swap_records,
+                        b_mask_ratio=st.b_mask_ratio, seed=seed, image_size=st.image_size,
+                        cache=paths.mech / f"seed{seed}", variant=PreConfig(**st.configs[cfg]).mask_variant)
+    atomic_json(out, {"seed": seed, "config": cfg, "models": {k: str(v) for k, v in models.items()}, **res})
+    return json.loads(out.read_text())
+
+
+WORKERS: dict[str, Callable[..., dict[str, Any]]] = {"pre": pre_worker, "s3": s3_worker, "mech": mech_worker}
+
+
+def task_done(paths: Paths, t: Task) -> bool:
+    if t.kind == "mech":
+        return (paths.mech / f"seed{t.info['seed']}.json").is_file()
+    return (paths.runs / t.name / "result.json").is_file()
+
+
 # ---------------------------------------------------------------------------------------------------
-# scheduling
+# scheduling: a small DAG; tasks appear as the sweeps' choices are made
 # ---------------------------------------------------------------------------------------------------
-PRIORITY = ["s123", "s3", "s123-orig", "s13", "s23"]
-
-
-class _External:
-    """A worker started by an earlier scheduler: alive while its /proc entry is."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-
-    def poll(self) -> int | None:
-        return None if Path(f"/proc/{self.pid}").exists() else 0
-
-
-def live_workers(paths: Paths) -> dict[str, int]:
-    """Running ``--worker`` processes of this experiment (same ``--root``), by run name (Linux /proc)."""
-    out: dict[str, int] = {}
-    root = paths.root.resolve()
-    for d in Path("/proc").glob("[0-9]*"):
-        try:
-            args = (d / "cmdline").read_bytes().decode(errors="replace").split("\0")
-            cwd = Path(os.readlink(d / "cwd"))
-        except OSError:
-            continue
-        if int(d.name) == os.getpid() or not any(a.endswith("ablation.py") for a in args) or "--worker" not in args:
-            continue
-        try:
-            r = Path(args[args.index("--root") + 1])
-        except (ValueError, IndexError):
-            continue
-        if (cwd / r).resolve() == root:
-            out[args[args.index("--worker") + 1]] = int(d.name)
-    return out
-
-
-def schedule(paths: Paths, st: Settings, jobs: int, threads: int, plan: bool = False,
-             skip: tuple[str, ...] = ()) -> None:
-    # seed by seed (a shrunk experiment keeps whole seeds); within a seed the key pair (CoCoA, baseline) first
-    todo = [(a, s) for s in st.seeds for a in sorted(st.arms, key=PRIORITY.index)]
-    unknown = sorted(set(skip) - {run_name(a, s) for a, s in todo})
-    if unknown:
-        raise SystemExit(f"--skip names no run of this experiment: {', '.join(unknown)} (runs are ARM-seedN)")
-    pending = [(a, s) for a, s in todo if not (paths.run_dir(run_name(a, s)) / "result.json").is_file()]
-    done = len(todo) - len(pending)
-    if done:
-        log(f"{done} of {len(todo)} runs already finished (result.json), skipping them")
-    if skip:
-        pending = [(a, s) for a, s in pending if run_name(a, s) not in skip]
-        log(f"not starting {', '.join(skip)} (--skip); the report counts the seeds that finished")
-    if plan:
-        for a, s in pending:
-            print(f"$ {shlex.join(train_command(paths, st, a, s))}")
-        return
-    running: dict[str, tuple[Any, float, Any]] = {}
-    failed: list[str] = []
-    # workers of an earlier scheduler that are still running (this one was restarted): wait for them
-    for name, pid in live_workers(paths).items():
-        running[name] = (_External(pid), time.time(), None)
-        pending = [(a, s) for a, s in pending if run_name(a, s) != name]
-        log(f"adopted {name}: its worker (pid {pid}) is still running")
+def schedule(paths: Paths, st: Settings, jobs: int, threads: int, plan: bool = False) -> None:
     me = [sys.executable, str(Path(__file__).resolve()), "--root", str(paths.root), "--threads", str(threads)]
-    while pending or running:
-        while pending and len(running) < jobs:
-            a, s = pending.pop(0)
-            name = run_name(a, s)
-            lf = open(paths.logs / f"{name}.worker.log", "a")
-            p = subprocess.Popen(me + ["--worker", name], stdout=lf, stderr=subprocess.STDOUT, env=bin_env(threads),
-                                 stdin=subprocess.DEVNULL)
-            running[name] = (p, time.time(), lf)
-            log(f"started {name} (pid {p.pid}); {len(pending)} waiting")
+    running: dict[str, tuple[subprocess.Popen, float, Any]] = {}
+    failed: list[str] = []
+    priority = {"pre": 0, "s3": 1, "mech": 2}
+    while True:
+        ch = choose(paths, st)
+        tasks = plan_tasks(paths, st, ch)
+        if plan:
+            for t in tasks:
+                cmd = (pre_command(paths, st, t.info["cfg"], t.info["stages"], t.info["seed"]) if t.kind == "pre" else
+                       s3_command(paths, st, t.name, Path(t.info["input"]), t.info["lr"], t.info["seed"])
+                       if t.kind == "s3" else ["(python) bench/ablation_mechanism.py measure_all", t.name])
+                print(f"# {t.name} (after {', '.join(t.deps) or 'preparation'})\n$ {shlex.join(cmd)}")
+            if "s3_lr" not in ch:
+                print("# then: the chosen stage-3 lr's 1,2,3 runs of each configuration; then every arm x seed "
+                      "with the chosen lr and configuration, and the mechanism per seed")
+            return
+        done = {t.name for t in tasks if task_done(paths, t)}
+        ready = sorted((t for t in tasks if t.name not in done and t.name not in running and t.name not in failed
+                        and all(d in done for d in t.deps)), key=lambda t: (priority[t.kind], t.info.get("seed", 0)))
+        while ready and len(running) < jobs:
+            t = ready.pop(0)
+            lf = open(paths.logs / f"{t.name}.worker.log", "a")
+            p = subprocess.Popen(me + ["--worker", t.name], stdout=lf, stderr=subprocess.STDOUT,
+                                 env=bin_env(threads), stdin=subprocess.DEVNULL)
+            running[t.name] = (p, time.time(), lf)
+            log(f"started {t.name} (pid {p.pid})")
+        if not running:
+            pending = [t.name for t in tasks if t.name not in done]
+            if failed:
+                raise SystemExit(f"{len(failed)} task(s) failed: {', '.join(failed)}; rerun the same command to retry")
+            if pending:
+                raise SystemExit(f"stuck: {', '.join(pending)} wait for tasks that cannot run")
+            if "config" in ch:
+                return
+            raise SystemExit("the sweeps finished without a choice (see choices.json)")
         time.sleep(2)
         for name, (p, t0, lf) in list(running.items()):
-            rc = p.poll()
-            if rc is None:
+            if p.poll() is None:
                 continue
-            if lf is not None:
-                lf.close()
+            lf.close()
             del running[name]
-            if rc == 0 and (paths.run_dir(name) / "result.json").is_file():
-                r = json.loads((paths.run_dir(name) / "result.json").read_text())
-                log(f"finished {name} in {time.time() - t0:.0f}s: P@1 {r['final']['overall']:.3f}")
+            if p.returncode == 0:
+                log(f"finished {name} in {time.time() - t0:.0f}s")
             else:
                 failed.append(name)
-                log(f"FAILED {name} (exit {rc}); see {paths.logs / (name + '.worker.log')}")
-    if failed:
-        raise SystemExit(f"{len(failed)} run(s) failed: {', '.join(failed)}; rerun the same command to retry them")
+                log(f"FAILED {name} (exit {p.returncode}); see {paths.logs / (name + '.worker.log')}")
+
+
+def run_worker(paths: Paths, st: Settings, name: str, threads: int) -> None:
+    ch = read_json(paths.choices) or {}
+    tasks = {t.name: t for t in plan_tasks(paths, st, ch)}
+    if name not in tasks:
+        raise SystemExit(f"no task {name} in this experiment")
+    t = tasks[name]
+    WORKERS[t.kind](paths, st, t, threads)
 
 
 # ---------------------------------------------------------------------------------------------------
 # report
 # ---------------------------------------------------------------------------------------------------
 def mean_std(xs: list[float]) -> tuple[float, float]:
+    xs = [x for x in xs if x is not None]
     if not xs:
         return float("nan"), float("nan")
     m = sum(xs) / len(xs)
@@ -550,76 +728,93 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return m, s
 
 
-def load_results(paths: Paths, st: Settings) -> dict[str, dict[int, dict[str, Any]]]:
+def main_runs(paths: Paths, st: Settings, ch: dict[str, Any]) -> dict[str, dict[int, dict[str, Any]]]:
     out: dict[str, dict[int, dict[str, Any]]] = {}
-    for a in st.arms:
-        for s in st.seeds:
-            f = paths.run_dir(run_name(a, s)) / "result.json"
-            if f.is_file():
-                r = json.loads(f.read_text())
-                r["curve"] = {int(k): v for k, v in r["curve"].items()}
-                out.setdefault(a, {})[s] = r
+    if "s3_lr" not in ch or "config" not in ch:
+        return out
+    for arm in st.arms:
+        for seed in st.seeds:
+            r = read_json(paths.runs / s3_name(arm, ch["config"], ch["s3_lr"], seed) / "result.json")
+            if r:
+                out.setdefault(arm, {})[seed] = r
     return out
 
 
-def equal_total_step(st: "Settings", arm: str) -> int:
-    stages = ARMS[arm][0]
-    return st.s3_steps - (st.s1_steps if "1" in stages else 0) - (st.s2_steps if "2" in stages else 0)
-
-
-def build_report(paths: Paths, st: Settings, prep_seconds: dict[str, float] | None = None) -> dict[str, Any]:
-    res = load_results(paths, st)
-    rep: dict[str, Any] = {"settings": asdict(st), "arms": {}, "comparisons": {}, "machine": machine(),
-                           "chance_overall": chance_level(paths),
-                           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    diag = paths.root / "base_image_dependence.json"
-    if diag.is_file():
-        rep["base_image_dependence"] = json.loads(diag.read_text())
-    if (paths.base / "cocoa.json").is_file():
-        ex = json.loads((paths.base / "cocoa.json").read_text()).get("extra", {})
-        rep["base"] = {k: ex.get(k) for k in ("steps", "lr", "batch_size", "examples", "loss_first", "loss_last",
-                                              "seconds", "num_parameters", "curriculum", "image_gap", "align_steps",
-                                              "vision_align", "pretrain_version")}
-    if prep_seconds:
-        rep["prepare_seconds"] = {k: round(v, 1) for k, v in prep_seconds.items()}
-    for view, step_of in (("same_stage3_budget", lambda a: st.s3_steps), ("same_total_budget", lambda a: equal_total_step(st, a))):
-        table = {}
-        for a, runs in res.items():
-            step = step_of(a)
-            cols = {c: mean_std([r["curve"][step][c] for r in runs.values() if step in r["curve"]]) for c in COLUMNS}
-            table[a] = {"step3": step, "n": len(runs), **{c: {"mean": m, "std": s} for c, (m, s) in cols.items()}}
-        rep["comparisons"][view] = table
-        # paired differences to the baseline (same seed -> same stage-3 data order)
+def build_report(paths: Paths, st: Settings) -> dict[str, Any]:
+    ch = read_json(paths.choices) or {}
+    res = main_runs(paths, st, ch)
+    rep: dict[str, Any] = {"settings": asdict(st), "choices": ch, "machine": machine(), "arms": {},
+                           "comparisons": {}, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    rep["timings"] = read_json(paths.root / "timings.json")
+    sweeps: dict[str, Any] = {"s3_lr": {}, "config": {}}
+    for lr in st.s3_lrs:
+        r = read_json(paths.runs / s3_name("s3", None, lr, st.seeds[0]) / "result.json")
+        if r:
+            sweeps["s3_lr"][fmt_lr(lr)] = {"val": r["best"]["val"], "step": r["best"]["step"], "curve": r["val_curve"]}
+    if "s3_lr" in ch:
+        for c in st.configs:
+            r = read_json(paths.runs / s3_name("s123", c, ch["s3_lr"], st.seeds[0]) / "result.json")
+            if r:
+                sweeps["config"][c] = {"val": r["best"]["val"], "step": r["best"]["step"], "curve": r["val_curve"]}
+    rep["sweeps"] = sweeps
+    for view, key in (("equal_stage3_budget", "best"), ("equal_total_compute", "equal_compute")):
+        table, diffs = {}, {}
         base = res.get("s3", {})
-        diffs = {}
-        for a, runs in res.items():
-            if a == "s3":
-                continue
-            d = [runs[s]["curve"][step_of(a)]["overall"] - base[s]["curve"][st.s3_steps]["overall"]
-                 for s in runs if s in base]
-            m, sd = mean_std(d)
-            diffs[a] = {"mean": m, "std": sd, "n": len(d), "wins": sum(x > 0 for x in d)}
+        for arm, runs in res.items():
+            cols = {c: mean_std([r[key]["test"][c] for r in runs.values()]) for c in COLUMNS}
+            table[arm] = {"n": len(runs), "steps": [runs[s][key]["step"] for s in sorted(runs)],
+                          "val": mean_std([r[key]["val"] for r in runs.values()]),
+                          **{c: {"mean": m, "std": s} for c, (m, s) in cols.items()}}
+            if arm != "s3":
+                d = [runs[s][key]["test"]["overall"] - base[s]["best"]["test"]["overall"] for s in runs if s in base]
+                m, sd = mean_std(d)
+                diffs[arm] = {"mean": m, "std": sd, "n": len(d), "wins": sum(x > 0 for x in d), "per_seed": d}
+        rep["comparisons"][view] = table
         rep["comparisons"][view + "_vs_baseline"] = diffs
-    for a, runs in res.items():
-        steps = sorted(set.intersection(*[set(r["curve"]) for r in runs.values()]))
-        rep["arms"][a] = {
-            "stages": ARMS[a][0], "label": ARMS[a][1], "seeds": sorted(runs),
-            "curve": {s: dict(zip(("mean", "std"), mean_std([r["curve"][s]["overall"] for r in runs.values()])))
-                      for s in steps},
-            "datasets": {n: mean_std([r["final"]["datasets"][n] for r in runs.values()])[0]
-                         for n in next(iter(runs.values()))["final"]["datasets"]},
-            "seconds": {k: mean_std([r["seconds"].get(k) or 0.0 for r in runs.values()])[0]
-                        for k in next(iter(runs.values()))["seconds"]},
-            "commands": [runs[s]["command"] for s in sorted(runs)],
+    for arm, runs in res.items():
+        steps = sorted({int(k) for r in runs.values() for k in r["val_curve"]})
+        rep["arms"][arm] = {
+            "stages": ARMS[arm][0], "label": ARMS[arm][1], "seeds": sorted(runs),
+            "val_curve": {s: mean_std([r["val_curve"].get(str(s)) for r in runs.values()]) for s in steps},
+            "stopped_at": [(r["stopped"] or {}).get("step") for r in runs.values()],
+            "datasets": {n: mean_std([r["best"]["test"]["datasets"][n] for r in runs.values()])[0]
+                         for n in next(iter(runs.values()))["best"]["test"]["datasets"]},
+            "seconds": mean_std([r["seconds"]["wall"] for r in runs.values()])[0],
+            "chance": next(iter(runs.values()))["best"]["test"]["chance"],
         }
+    mech = {}
+    for seed in st.seeds:
+        m = read_json(paths.mech / f"seed{seed}.json")
+        if m:
+            mech[seed] = m
+    rep["mechanism"] = aggregate_mechanism(mech, res, st)
     atomic_json(paths.report_json, rep)
     paths.report_md.write_text(report_markdown(rep, st))
     return rep
 
 
+def aggregate_mechanism(mech: dict[int, Any], res: dict[str, dict[int, Any]], st: Settings) -> dict[str, Any]:
+    """Per model (base / stage 1 / stages 1,2 / stage 2 alone): mean ± std over seeds of each measurement, with
+    the zero-shot validation P@1 taken from the stage-3 runs' step 0 (their input model)."""
+    if not mech:
+        return {}
+    zero = {"base": "s3", "stage 1": "s13", "stages 1,2": "s123", "stage 2 alone": "s23"}
+    out: dict[str, Any] = {}
+    models = list(next(iter(mech.values()))["measures"])
+    for name in models:
+        row: dict[str, Any] = {}
+        keys = sorted({k for m in mech.values() for k in m["measures"].get(name, {}) if isinstance(m["measures"][name][k], (int, float))})
+        for k in keys:
+            row[k] = mean_std([m["measures"][name].get(k) for m in mech.values()])
+        arm = zero.get(name)
+        if arm in res:
+            row["zero_shot_val"] = mean_std([r.get("step0_val") for r in res[arm].values()])
+        out[name] = row
+    return out
+
+
 def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
-                            "cpus": os.cpu_count()}
+    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -638,118 +833,112 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def _pm(c: dict[str, float]) -> str:
-    return f"{100 * c['mean']:.1f} ± {100 * c['std']:.1f}" if not math.isnan(c["mean"]) else "–"
+def _pm(c: Any, scale: float = 100.0) -> str:
+    m, s = (c["mean"], c["std"]) if isinstance(c, dict) else c
+    return "–" if m is None or math.isnan(m) else f"{scale * m:.1f} ± {scale * s:.1f}"
 
 
 def report_markdown(rep: dict[str, Any], st: Settings) -> str:
-    lines: list[str] = []
-    heads = {"same_stage3_budget": f"(a) same stage-3 budget: every arm after {st.s3_steps} stage-3 steps",
-             "same_total_budget": "(b) same total step budget: stage 1-2 steps taken out of stage 3's "
-                                  f"({st.s3_steps} steps in all)"}
-    for view, title in heads.items():
+    L: list[str] = []
+    ch = rep["choices"]
+    sw = rep["sweeps"]
+    if sw["s3_lr"]:
+        L += ["#### Sweep 1: the baseline's stage-3 learning rate (seed %d, validation P@1 %% at the best checkpoint)"
+              % st.seeds[0], "", "| stage-3 lr | best val P@1 | at step |", "|---|---:|---:|"]
+        L += [f"| {lr}{' (chosen)' if ch.get('s3_lr') is not None and fmt_lr(ch['s3_lr']) == lr else ''} | "
+              f"{100 * v['val']:.1f} | {v['step']} |" for lr, v in sw["s3_lr"].items()]
+        L.append("")
+    if sw["config"]:
+        L += ["#### Sweep 2: stages 1-2 settings (seed %d; validation P@1 %% of the 1,2,3 run they lead to)"
+              % st.seeds[0], "", "| configuration | best val P@1 | at step |", "|---|---:|---:|"]
+        L += [f"| {c}: {st.configs[c].get('label', '')}{' (chosen)' if ch.get('config') == c else ''} | "
+              f"{100 * v['val']:.1f} | {v['step']} |" for c, v in sw["config"].items()]
+        L.append("")
+    titles = {"equal_stage3_budget": "(a) Test P@1 (%) at each run's best validation checkpoint (stage 3 to its plateau)",
+              "equal_total_compute": "(b) Test P@1 (%) at equal total compute: best validation checkpoint within "
+                                     f"{st.s3_max_steps} stage-3-step equivalents, stages 1-2 included"}
+    for view, title in titles.items():
         table = rep["comparisons"].get(view, {})
         if not table:
             continue
-        lines += [f"#### {title}", "",
-                  "| arm | stage-3 steps | seeds | overall | classification | VQA | retrieval | grounding | IND | OOD | Δ overall vs baseline (paired) |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         diffs = rep["comparisons"].get(view + "_vs_baseline", {})
-        for a in st.arms:
-            if a not in table:
+        L += [f"#### {title}", "",
+              "| arm | seeds | stage-3 steps | val | test overall | classification | VQA | retrieval | grounding | IND | OOD | Δ test overall vs baseline (paired) |",
+              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for arm in st.arms:
+            if arm not in table:
                 continue
-            row = table[a]
-            d = diffs.get(a)
-            dtxt = (f"{100 * d['mean']:+.1f} ± {100 * d['std']:.1f} ({d['wins']}/{d['n']} seeds better)" if d else "–")
-            lines.append(f"| {ARMS[a][1]} | {row['step3']} | {row['n']} | " + " | ".join(_pm(row[c]) for c in COLUMNS)
-                         + f" | {dtxt} |")
-        lines.append("")
+            row = table[arm]
+            d = diffs.get(arm)
+            dtxt = f"{100 * d['mean']:+.1f} ± {100 * d['std']:.1f} ({d['wins']}/{d['n']} seeds better)" if d else "–"
+            L.append(f"| {ARMS[arm][1]} | {row['n']} | {', '.join(map(str, row['steps']))} | {_pm(row['val'])} | "
+                     + " | ".join(_pm(row[c]) for c in COLUMNS) + f" | {dtxt} |")
+        L.append("")
     if rep["arms"]:
-        steps = sorted({int(s) for a in rep["arms"].values() for s in a["curve"] if int(s) % st.eval_every == 0})
-        lines += ["#### Learning curves: overall P@1 (%) by stage-3 step (mean ± std over seeds)", "",
-                  "| arm | " + " | ".join(str(s) for s in steps) + " |", "|---|" + "---:|" * len(steps)]
-        for a in st.arms:
-            if a in rep["arms"]:
-                cur = {int(k): v for k, v in rep["arms"][a]["curve"].items()}
-                lines.append(f"| {ARMS[a][1]} | " + " | ".join(
-                    f"{100 * cur[s]['mean']:.1f} ± {100 * cur[s]['std']:.1f}" if s in cur else "–" for s in steps) + " |")
-        lines.append("")
+        steps = sorted({int(s) for a in rep["arms"].values() for s in a["val_curve"]})
+        L += ["#### Validation curves: P@1 (%) by stage-3 step (mean ± std over the seeds that reached it)", "",
+              "| arm | " + " | ".join(map(str, steps)) + " | stopped at |", "|---|" + "---:|" * (len(steps) + 1)]
+        for arm in st.arms:
+            if arm in rep["arms"]:
+                cur = {int(k): v for k, v in rep["arms"][arm]["val_curve"].items()}
+                L.append(f"| {ARMS[arm][1]} | " + " | ".join(_pm(cur[s]) if s in cur else "–" for s in steps)
+                         + f" | {', '.join(str(x) for x in rep['arms'][arm]['stopped_at'])} |")
+        L.append("")
         names = list(next(iter(rep["arms"].values()))["datasets"])
-        lines += ["#### Per dataset at the same stage-3 budget (mean P@1 %, over seeds)", "",
-                  "| arm | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-        for a in st.arms:
-            if a in rep["arms"]:
-                ds = rep["arms"][a]["datasets"]
-                lines.append(f"| {ARMS[a][1]} | " + " | ".join(f"{100 * ds[n]:.1f}" for n in names) + " |")
-        lines += ["", "#### Wall time per run (mean seconds, training processes at 1 thread, 2 at a time)", "",
-                  "| arm | train (all stages) | stage 1 | stage 2 | stage 3 | evaluation of the curve |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        for a in st.arms:
-            if a in rep["arms"]:
-                s = rep["arms"][a]["seconds"]
-                lines.append(f"| {ARMS[a][1]} | {s.get('train', 0):.0f} | {s.get('stage1', 0):.0f} | "
-                             f"{s.get('stage2', 0):.0f} | {s.get('stage3', 0):.0f} | {s.get('eval', 0):.0f} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def chance_level(paths: Paths) -> float | None:
-    """Overall P@1 of a random ranking: the mean over datasets of 1 / (mean candidates per query)."""
-    for f in sorted(paths.runs.glob("*/evals/step-000000/results.json")):
-        ds = json.loads(f.read_text()).get("datasets") or {}
-        vals = [1.0 / d["n_candidates"] for d in ds.values() if d.get("n_candidates")]
-        if vals:
-            return sum(vals) / len(vals)
-    return None
+        L += ["#### Per test dataset at the best validation checkpoint (mean P@1 %)", "",
+              "| arm | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        for arm in st.arms:
+            if arm in rep["arms"]:
+                ds = rep["arms"][arm]["datasets"]
+                L.append(f"| {ARMS[arm][1]} | " + " | ".join(f"{100 * ds[n]:.1f}" for n in names) + " |")
+        L.append("")
+    mech = rep.get("mechanism") or {}
+    if mech:
+        L += ["#### The mechanism, before any contrastive step (mean ± std over seeds)", "",
+              "| model | zero-shot val P@1 % | probe: count | probe: colours (F1) | probe: shapes (F1) | "
+              "probe: leftmost colour | stage-2 acc, own A | stage-2 acc, A swapped | drop |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, row in mech.items():
+            g = lambda k: _pm(row[k]) if k in row else "–"  # noqa: E731
+            L.append(f"| {name} | {g('zero_shot_val')} | {g('probe_count')} | {g('probe_colors_f1')} | "
+                     f"{g('probe_shapes_f1')} | {g('probe_leftmost_color')} | {g('swap_acc_own')} | "
+                     f"{g('swap_acc_swapped')} | {g('swap_acc_drop')} |")
+        L.append("")
+    return "\n".join(L)
 
 
 def plot_curves(paths: Paths, st: Settings, png: Path) -> Path | None:
-    rep = json.loads(paths.report_json.read_text()) if paths.report_json.is_file() else build_report(paths, st)
-    if not rep["arms"]:
+    rep = read_json(paths.report_json) or build_report(paths, st)
+    if not rep["arms"] and not rep["sweeps"]["s3_lr"]:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    res = load_results(paths, st)
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
-    colors = {"s3": "black", "s13": "tab:blue", "s23": "tab:orange", "s123": "tab:red", "s123-orig": "tab:purple"}
-    for a in st.arms:
-        if a not in rep["arms"]:
-            continue
-        cur = {int(k): v for k, v in rep["arms"][a]["curve"].items()}
+    colors = {"s3": "black", "s13": "tab:blue", "s23": "tab:orange", "s123": "tab:red"}
+    for arm, a in rep["arms"].items():
+        cur = {int(k): v for k, v in a["val_curve"].items()}
         xs = sorted(cur)
-        m = [100 * cur[x]["mean"] for x in xs]
-        s = [100 * cur[x]["std"] for x in xs]
-        kw = dict(color=colors.get(a), label=ARMS[a][1], lw=2 if a in ("s3", "s123") else 1.3,
-                  ls="--" if a == "s123-orig" else "-")
-        offset = st.s3_steps - equal_total_step(st, a)
-        for ax, shift in ((axes[0], 0), (axes[1], offset)):
-            ax.plot([x + shift for x in xs], m, marker="o", ms=3, **kw)
-            ax.fill_between([x + shift for x in xs], [a_ - b for a_, b in zip(m, s)], [a_ + b for a_, b in zip(m, s)],
-                            color=colors.get(a), alpha=0.12)
-        for split, ls in (("IND", "-"), ("OOD", ":")) if a in ("s3", "s123") else ():
-            vals = [mean_std([r["curve"][x][split] for r in res[a].values() if x in r["curve"]])[0] for x in xs]
-            axes[2].plot(xs, [100 * v for v in vals], color=colors.get(a), ls=ls, lw=1.3,
-                         label=f"{ARMS[a][1]} {split}")
-    chance = chance_level(paths)
-    if chance is not None:
-        for ax in axes:
-            ax.axhline(100 * chance, color="gray", lw=1, ls="--")
-        axes[0].text(1, 100 * chance, " chance", va="bottom", fontsize=8, color="gray")
-    axes[0].set_title("(a) overall P@1 vs stage-3 steps (mean ± std over seeds)")
-    axes[0].set_xlabel("stage-3 step")
-    axes[1].set_title("(b) overall P@1 vs total steps (stages 1+2+3)")
-    axes[1].set_xlabel("total training steps")
-    axes[1].axvline(st.s3_steps, color="gray", lw=0.8, ls=":")
-    axes[2].set_title("baseline vs CoCoA: IND (solid) and OOD (dotted) P@1")
-    axes[2].set_xlabel("stage-3 step")
+        m = [100 * cur[x][0] for x in xs]
+        s = [100 * cur[x][1] for x in xs]
+        axes[0].plot(xs, m, marker="o", ms=3, color=colors.get(arm), label=a["label"], lw=2 if arm in ("s3", "s123") else 1.3)
+        axes[0].fill_between(xs, [u - v for u, v in zip(m, s)], [u + v for u, v in zip(m, s)], color=colors.get(arm), alpha=0.12)
+    for lr, v in rep["sweeps"]["s3_lr"].items():
+        cur = {int(k): x for k, x in v["curve"].items()}
+        axes[1].plot(sorted(cur), [100 * cur[k] for k in sorted(cur)], marker="o", ms=3, label=f"baseline, lr {lr}")
+    for c, v in rep["sweeps"]["config"].items():
+        cur = {int(k): x for k, x in v["curve"].items()}
+        axes[2].plot(sorted(cur), [100 * cur[k] for k in sorted(cur)], marker="o", ms=3, label=f"1,2,3 {c}")
+    axes[0].set_title("validation P@1 by stage-3 step (chosen settings; mean ± std)")
+    axes[1].set_title("sweep 1: baseline stage-3 lr (seed %d)" % st.seeds[0])
+    axes[2].set_title("sweep 2: stages 1-2 settings (seed %d)" % st.seeds[0])
     for ax in axes:
-        ax.set_ylabel("P@1 (%)")
+        ax.set_xlabel("stage-3 step")
+        ax.set_ylabel("validation P@1 (%)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="lower right")
-    axes[2].legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
@@ -760,29 +949,30 @@ def plot_curves(paths: Paths, st: Settings, png: Path) -> Path | None:
 # ---------------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------------
+INT_FIELDS = ("train_pairs", "pretrain_pairs", "val_per_task", "test_per_task", "distractors", "pretrain_steps",
+              "s3_max_steps", "s3_batch", "s3_warmup_steps", "eval_every", "patience", "s1_steps", "s2_steps",
+              "s12_batch", "eval_batch")
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     d = Settings()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", type=Path, default=Path("runs/ablation"), help="where everything is written")
-    p.add_argument("--smoke", action="store_true", help="minuscule sizes: checks the whole experiment end to end")
-    p.add_argument("--plan", action="store_true", help="print the commands, run nothing")
-    p.add_argument("--report-only", action="store_true", help="aggregate finished runs, train nothing")
-    p.add_argument("--png", type=Path, default=None, help="also draw the learning curves here")
-    p.add_argument("--jobs", type=int, default=2, help="runs at a time")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    p.add_argument("--prep-threads", type=int, default=0, help="threads for data prep/pre-training (0: all cores)")
+    p.add_argument("--quick", action="store_true", help="toy sizes: every arm, sweep and measurement end to end")
+    p.add_argument("--plan", action="store_true", help="print the tasks known so far and their commands, run nothing")
+    p.add_argument("--report-only", action="store_true", help="aggregate finished tasks, train nothing")
+    p.add_argument("--png", type=Path, default=None, help="also draw the curves here")
+    p.add_argument("--jobs", type=int, default=2, help="tasks at a time")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per task")
+    p.add_argument("--prep-threads", type=int, default=0, help="threads for data preparation and the base (0: all cores)")
     p.add_argument("--seeds", default=None, help=f"comma-separated (default {','.join(map(str, d.seeds))})")
     p.add_argument("--arms", default=None, help=f"comma-separated subset of {','.join(ARMS)}")
-    for f in ("scenes_train", "eval_per_task", "distractors", "pretrain_steps", "s1_steps", "s2_steps", "s3_steps",
-              "s3_warmup_steps", "s3_batch", "s12_batch", "eval_every", "eval_batch"):
+    p.add_argument("--s3-lrs", default=None, help=f"stage-3 learning rates to sweep (default {','.join(map(fmt_lr, d.s3_lrs))})")
+    p.add_argument("--configs", default=None, help=f"stage 1-2 configurations to sweep, a subset of "
+                   f"{','.join(DEFAULT_CONFIGS)} (default: all)")
+    for f in INT_FIELDS:
         p.add_argument("--" + f.replace("_", "-"), type=int, default=None, help=f"default {getattr(d, f)}")
-    p.add_argument("--s3-lr", type=float, default=None, help=f"default {d.s3_lr:g}")
-    p.add_argument("--train-arg", action="append", default=[], help="extra cocoa-train flag (repeatable), e.g. "
-                   "--train-arg=--stage2-lr=3e-5")
-    p.add_argument("--pretrain-arg", action="append", default=[], help="extra cocoa-train pretrain-tiny flag "
-                   "(repeatable), e.g. --pretrain-arg=--lr=3e-4")
-    p.add_argument("--skip", default="", help="comma-separated runs not to start this time (e.g. s123-orig-seed2), "
-                   "to fit a time box; the settings and the other runs are unchanged")
+    p.add_argument("--train-arg", action="append", default=[], help="extra cocoa-train flag for every run (repeatable)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -790,9 +980,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def settings_from(args: argparse.Namespace, paths: Paths) -> Settings:
     if args.worker or (args.report_only and paths.settings.is_file()):
         return Settings(**json.loads(paths.settings.read_text()))
-    over: dict[str, Any] = dict(SMOKE) if args.smoke else {}
-    for f in ("scenes_train", "eval_per_task", "distractors", "pretrain_steps", "s1_steps", "s2_steps", "s3_steps",
-              "s3_warmup_steps", "s3_batch", "s12_batch", "eval_every", "eval_batch", "s3_lr"):
+    over: dict[str, Any] = dict(QUICK) if args.quick else {}
+    for f in INT_FIELDS:
         v = getattr(args, f)
         if v is not None:
             over[f] = v
@@ -800,16 +989,21 @@ def settings_from(args: argparse.Namespace, paths: Paths) -> Settings:
         over["seeds"] = [int(x) for x in args.seeds.split(",") if x.strip()]
     if args.arms:
         over["arms"] = [x.strip() for x in args.arms.split(",") if x.strip()]
+    if args.s3_lrs:
+        over["s3_lrs"] = [float(x) for x in args.s3_lrs.split(",") if x.strip()]
+    if args.configs:
+        names = [x.strip() for x in args.configs.split(",") if x.strip()]
+        unknown = [n for n in names if n not in DEFAULT_CONFIGS]
+        if unknown:
+            raise SystemExit(f"--configs: unknown {', '.join(unknown)}; known: {', '.join(DEFAULT_CONFIGS)}")
+        over["configs"] = {n: asdict(DEFAULT_CONFIGS[n]) for n in names}
     if args.train_arg:
         over["extra_train_args"] = list(args.train_arg)
-    if args.pretrain_arg:
-        over["extra_pretrain_args"] = list(args.pretrain_arg)
     st = Settings(**over)
     st.check()
     if paths.settings.is_file() and not args.plan:
         old = Settings(**json.loads(paths.settings.read_text()))
-        free = ("seeds", "arms")  # runs are per (arm, seed): adding or dropping some changes no other run
-        changed = sorted(k for k in asdict(st) if k not in free and asdict(st)[k] != asdict(old)[k])
+        changed = sorted(k for k in asdict(st) if k not in ("seeds", "arms") and asdict(st)[k] != asdict(old)[k])
         if changed:
             raise SystemExit(f"{paths.root} holds an experiment with other settings ({', '.join(changed)} differ); "
                              "use another --root, or the same settings to resume it")
@@ -821,36 +1015,30 @@ def main(argv: list[str] | None = None) -> int:
     paths = Paths(args.root)
     st = settings_from(args, paths)
     if args.worker:
-        arm, seed = args.worker.rsplit("-seed", 1)
-        worker(paths, st, arm, int(seed), args.threads)
+        run_worker(paths, st, args.worker, args.threads)
         return 0
     if args.report_only:
         rep = build_report(paths, st)
         print(paths.report_md.read_text())
         if args.png:
             print(f"curves: {plot_curves(paths, st, args.png)}")
-        return 0 if rep["arms"] else 1
-    if not args.plan:
-        paths.root.mkdir(parents=True, exist_ok=True)
-        paths.logs.mkdir(parents=True, exist_ok=True)
-        atomic_json(paths.settings, asdict(st))
-    t0 = time.time()
-    n = len(st.arms) * len(st.seeds)
-    log(f"ablation: {len(st.arms)} arms x {len(st.seeds)} seeds = {n} runs, {args.jobs} at a time x "
-        f"{args.threads} thread(s); root {paths.root}")
-    prep = prepare(paths, st, args.prep_threads or (os.cpu_count() or 1), plan=args.plan)
-    t_prep = time.time() - t0
-    schedule(paths, st, args.jobs, args.threads, plan=args.plan,
-             skip=tuple(x.strip() for x in args.skip.split(",") if x.strip()))
+        return 0 if rep["arms"] or rep["sweeps"]["s3_lr"] else 1
     if args.plan:
+        schedule(paths, st, args.jobs, args.threads, plan=True)
         return 0
-    prep["runs"] = time.time() - t0 - t_prep
-    prep["total"] = time.time() - t0
-    prev = paths.root / "timings.json"
-    timings = json.loads(prev.read_text()) if prev.is_file() else []
-    timings.append({"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t0)), **prep})
-    atomic_json(prev, timings)
-    build_report(paths, st, prep)
+    paths.logs.mkdir(parents=True, exist_ok=True)
+    atomic_json(paths.settings, asdict(st))
+    t0 = time.time()
+    log(f"ablation: root {paths.root}, {args.jobs} task(s) at a time x {args.threads} thread(s); load {load_avg():.2f}")
+    prep = prepare(paths, st, args.prep_threads or (os.cpu_count() or 1))
+    t_prep = time.time() - t0
+    schedule(paths, st, args.jobs, args.threads)
+    timings = read_json(paths.root / "timings.json") or []
+    timings.append({"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t0)), "prepare": round(t_prep, 1),
+                    **{k: round(v, 1) for k, v in prep.items()}, "tasks": round(time.time() - t0 - t_prep, 1),
+                    "total": round(time.time() - t0, 1), "load_avg_end": load_avg()})
+    atomic_json(paths.root / "timings.json", timings)
+    build_report(paths, st)
     print(paths.report_md.read_text())
     if args.png:
         print(f"curves: {plot_curves(paths, st, args.png)}")

@@ -1,11 +1,11 @@
-"""bench/ablation.py: the experiment's bookkeeping -- settings checks, the commands each arm runs, and the
-report's two comparisons (same stage-3 budget; same total budget read at the right stage-3 checkpoint),
-computed from result files written the way the workers write them. The end-to-end run is
-`python bench/ablation.py --smoke` (minutes), not part of the suite."""
+"""bench/ablation.py: the experiment's rules (early stopping, checkpoint choice, compute equivalence, the task
+graph the sweeps unlock, the report's paired comparisons) on result files written the way the workers write
+them, and its ``--quick`` mode end to end through the real CLI (every arm, both sweeps, the mechanism)."""
 
 import importlib.util
 import json
-import math
+import os
+import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -15,126 +15,136 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def ab():
-    spec = importlib.util.spec_from_file_location("ablation_bench", ROOT / "bench" / "ablation.py")
+def _load(name, file):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / file)
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["ablation_bench"] = mod
+    sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
 
 
-def _settings(ab):
-    return ab.Settings(seeds=[0, 1, 2], s1_steps=20, s2_steps=20, s3_steps=100, eval_every=20)
+@pytest.fixture(scope="module")
+def ab():
+    return _load("ablation_bench", "ablation.py")
 
 
-def _write_run(ab, paths, st, arm, seed, score):
-    """A result.json as the worker writes it; P@1 at stage-3 step t is score(t)."""
-    curve = {}
-    for t in st.eval_steps(arm):
-        v = score(t)
-        curve[str(t)] = {"overall": v, **{m: v for m in ab.META_TASKS}, "IND": v + 0.01, "OOD": v - 0.01,
-                         "datasets": {"SceneCls": v, "SceneCls-OOD": v}}
-    r = {"arm": arm, "seed": seed, "stages": ab.ARMS[arm][0], "command": "cocoa-train ...", "curve": curve,
-         "final": curve[str(st.s3_steps)], "seconds": {"train": 10.0, "eval": 5.0, "stage3": 8.0},
-         "settings": asdict(st)}
-    d = paths.run_dir(ab.run_name(arm, seed))
-    d.mkdir(parents=True)
-    (d / "result.json").write_text(json.dumps(r))
+def test_early_stopping_and_checkpoint_choice(ab):
+    # stop once `patience` evaluations in a row have not beaten the best before them
+    assert not ab.should_stop({0: 0.1, 100: 0.2}, 2)
+    assert not ab.should_stop({0: 0.1, 100: 0.2, 200: 0.15}, 2)
+    assert ab.should_stop({0: 0.1, 100: 0.2, 200: 0.15, 300: 0.2}, 2)  # a tie is no gain
+    assert not ab.should_stop({0: 0.1, 100: 0.2, 200: 0.15, 300: 0.21}, 2)
+    assert ab.should_stop({0: 0.1, 100: 0.1}, 1)
+    # the best validation step; ties go to the earliest; a limit restricts the choice
+    assert ab.best_step({0: 0.1, 100: 0.3, 200: 0.3, 300: 0.2}) == 100
+    assert ab.best_step({0: 0.1, 100: 0.3, 200: 0.35}, limit=100) == 100
 
 
-def test_report_compares_at_equal_stage3_and_equal_total_budget(ab, tmp_path):
-    st = _settings(ab)
+def test_compute_equivalence(ab):
+    st = ab.Settings(s1_steps=200, s2_steps=200, s12_batch=16, s3_batch=32, eval_every=100)
+    # 400 steps x 16 sequences = 6,400 sequences = 100 stage-3 steps (64 sequences each)
+    assert st.pre_cost("1,2,3") == 100
+    assert st.pre_cost("2,3") == 100  # 50 steps, rounded up to a checkpoint interval
+    assert st.pre_cost("3") == 0
+
+
+def test_task_graph_unlocks_with_the_choices(ab, tmp_path):
+    st = ab.Settings()
     paths = ab.Paths(tmp_path)
-    # baseline: P@1 = t/200 (+ seed noise); CoCoA arms: a head start of 0.1 at every step
+    first = {t.name: t for t in ab.plan_tasks(paths, st, {})}
+    # before any choice: the baseline's lr sweep and every configuration's stages 1,2 (seed 0)
+    assert sorted(n for n in first if n.startswith("s3-")) == ["s3-lr0.0001-seed0", "s3-lr0.0003-seed0", "s3-lr0.001-seed0"]
+    assert sorted(n for n in first if n.startswith("pre-")) == ["pre-dora-12-seed0", "pre-full-12-seed0",
+                                                                "pre-full-strict-12-seed0"]
+    second = {t.name: t for t in ab.plan_tasks(paths, st, {"s3_lr": 3e-4})}
+    assert {"s123-full-lr0.0003-seed0", "s123-dora-lr0.0003-seed0", "s123-full-strict-lr0.0003-seed0"} < set(second)
+    assert second["s123-dora-lr0.0003-seed0"].deps == ["pre-dora-12-seed0"]
+    full = {t.name: t for t in ab.plan_tasks(paths, st, {"s3_lr": 3e-4, "config": "dora"})}
+    for seed in (0, 1, 2):
+        for arm in ("s3", "s123", "s23", "s13"):
+            assert ab.s3_name(arm, "dora", 3e-4, seed) in full
+        assert f"mech-seed{seed}" in full
+    # 1,3 reads the stage-1 model of the same seed's 1,2 run; 2,3 a stage-2-only run from the base
+    s13 = full["s13-dora-lr0.0003-seed1"]
+    assert s13.deps == ["pre-dora-12-seed1"] and s13.info["input"].endswith(os.path.join("train", "stage1", "model"))
+    assert full["s23-dora-lr0.0003-seed1"].deps == ["pre-dora-2-seed1"]
+    assert full["s3-lr0.0003-seed2"].info["input"] == str(paths.base)
+    # commands: stage 3 identical across arms but for the input; DoRA only in stages 1-2
+    c3 = ab.s3_command(paths, st, "x", paths.base, 3e-4, 1)
+    assert c3[c3.index("--lora-method") + 1] == "full" and c3[c3.index("--stage3-schedule") + 1] == "constant"
+    assert c3[c3.index("--stage3-save-every") + 1] == str(st.eval_every)
+    pre = ab.pre_command(paths, st, "dora", "1,2", 1)
+    assert pre[pre.index("--lora-method") + 1] == "dora" and "--lora-train-vision" in pre
+    assert pre[pre.index("--stage1-image-mask-ratio") + 1] == "0.3"
+    strict = ab.pre_command(paths, st, "full-strict", "2", 0)
+    assert strict[strict.index("--stage2-mask-variant") + 1] == "strict" and "--stage1-steps" not in strict
+
+
+def _result(ab, st, arm, seed, best, eq, val=0.2):
+    cols = {c: best for c in ab.COLUMNS}
+    colb = {c: eq for c in ab.COLUMNS}
+    return {"arm": arm, "seed": seed, "val_curve": {"0": 0.0, "100": val}, "stopped": {"step": 300},
+            "best": {"step": 100, "val": val, "test": {**cols, "datasets": {"SceneCls": best}, "chance": 0.02}},
+            "equal_compute": {"step": 100, "val": val, "test": {**colb, "datasets": {"SceneCls": eq}, "chance": 0.02}},
+            "step0_val": 0.01, "seconds": {"wall": 10.0}}
+
+
+def test_report_pairs_seeds_against_the_baseline(ab, tmp_path):
+    st = ab.Settings(seeds=[0, 1, 2])
+    paths = ab.Paths(tmp_path)
+    ch = {"s3_lr": 3e-4, "config": "full"}
+    ab.atomic_json(paths.choices, ch)
     for seed in st.seeds:
-        noise = 0.01 * seed
-        _write_run(ab, paths, st, "s3", seed, lambda t: t / 200 + noise)
-        for arm in ("s13", "s23", "s123", "s123-orig"):
-            _write_run(ab, paths, st, arm, seed, lambda t: t / 200 + 0.1 + noise)
+        for arm, (best, eq) in {"s3": (0.20, 0.20), "s123": (0.25, 0.15), "s23": (0.18, 0.18),
+                                "s13": (0.20, 0.20)}.items():
+            r = _result(ab, st, arm, seed, best + 0.01 * seed, eq + 0.01 * seed)
+            ab.atomic_json(paths.runs / ab.s3_name(arm, "full", 3e-4, seed) / "result.json", r)
     rep = ab.build_report(paths, st)
-    a, b = rep["comparisons"]["same_stage3_budget"], rep["comparisons"]["same_total_budget"]
-    # (a): everyone at stage-3 step 100
-    assert all(a[arm]["step3"] == 100 for arm in a)
-    assert a["s3"]["overall"]["mean"] == pytest.approx(0.5 + 0.01)
-    assert a["s3"]["overall"]["std"] == pytest.approx(0.01)
-    assert a["s123"]["overall"]["mean"] == pytest.approx(0.6 + 0.01)
-    # (b): stage 1-2 steps come out of stage 3's: 1,3 and 2,3 at 80, 1,2,3 at 60, the baseline at 100
-    assert b["s3"]["step3"] == 100 and b["s13"]["step3"] == 80 and b["s23"]["step3"] == 80
-    assert b["s123"]["step3"] == 60 and b["s123-orig"]["step3"] == 60
-    assert b["s123"]["overall"]["mean"] == pytest.approx(0.3 + 0.1 + 0.01)
-    # paired differences to the baseline, per seed
-    da = rep["comparisons"]["same_stage3_budget_vs_baseline"]["s123"]
-    db = rep["comparisons"]["same_total_budget_vs_baseline"]["s123"]
-    assert da["mean"] == pytest.approx(0.1) and da["wins"] == 3 and da["n"] == 3
-    assert db["mean"] == pytest.approx(-0.1) and db["wins"] == 0
-    assert rep["arms"]["s3"]["curve"][100]["mean"] == pytest.approx(0.51)
+    a = rep["comparisons"]["equal_stage3_budget_vs_baseline"]
+    b = rep["comparisons"]["equal_total_compute_vs_baseline"]
+    assert a["s123"]["mean"] == pytest.approx(0.05) and a["s123"]["wins"] == 3 and a["s123"]["n"] == 3
+    assert b["s123"]["mean"] == pytest.approx(-0.05) and b["s123"]["wins"] == 0
+    assert a["s23"]["mean"] == pytest.approx(-0.02) and a["s13"]["wins"] == 0  # a tie is not a win
     md = paths.report_md.read_text()
-    assert "(a) same stage-3 budget" in md and "(b) same total step budget" in md
-    assert "+10.0 ± 0.0 (3/3 seeds better)" in md and "-10.0 ± 0.0 (0/3 seeds better)" in md
-    png = ab.plot_curves(paths, st, tmp_path / "curves.png")
-    assert png.is_file() and png.stat().st_size > 10_000
+    assert "+5.0 ± 0.0 (3/3 seeds better)" in md and "-5.0 ± 0.0 (0/3 seeds better)" in md
 
 
-def test_commands_per_arm(ab, tmp_path):
-    st = _settings(ab)
-    paths = ab.Paths(tmp_path)
-    cmds = {arm: ab.train_command(paths, st, arm, 1) for arm in ab.ARMS}
-    for arm, cmd in cmds.items():
-        assert cmd[:3] == ["cocoa-train", "--stages", ab.ARMS[arm][0]]
-        assert cmd[cmd.index("--model") + 1] == str(paths.base)  # every arm starts from the same base
-        assert cmd[cmd.index("--seed") + 1] == "1"
-        assert cmd[cmd.index("--stage3-schedule") + 1] == "constant"
-        assert float(cmd[cmd.index("--stage3-warmup-ratio") + 1]) * st.s3_steps == pytest.approx(st.s3_warmup_steps)
-    assert "--stage1-steps" not in cmds["s3"] and "--stage2-steps" not in cmds["s13"]
-    assert "--stage1-steps" in cmds["s123"] and "--stage2-steps" in cmds["s123"]
-    # synthetic off: stages 1-2 read the original-only mixture; the full arm reads mix/
-    orig = cmds["s123-orig"]
-    assert orig[orig.index("--stage1-data") + 1] == str(paths.orig_mix.resolve())
-    assert orig[orig.index("--stage2-data") + 1] == str(paths.orig_mix.resolve())
-    assert "--stage1-data" not in cmds["s123"]
+def test_materialized_checkpoint_matches_what_cocoa_train_saves(ab):
+    """The spec a materialised stage-3 checkpoint gets equals the one cocoa-train saves with the finished
+    model (same attention, max length, stages): checked against cocoa-train's preset."""
+    from cocoa.train.config import PRESETS
+
+    assert PRESETS["tiny"]["stage3"]["max_length"] == ab.S3_MAX_LENGTH
 
 
-def test_scored_steps_and_checkpoint_interval(ab, tmp_path):
-    """The curve every --eval-every steps, plus the step comparison (b) reads even when it is off that grid;
-    checkpoints are saved at every scored step."""
-    st = ab.Settings(s1_steps=50, s2_steps=50, s3_steps=400, eval_every=100)
-    st.check()
-    assert st.eval_steps("s3") == [0, 100, 200, 300, 400]
-    assert st.eval_steps("s13") == st.eval_steps("s23") == [0, 100, 200, 300, 350, 400]
-    assert st.eval_steps("s123") == [0, 100, 200, 300, 400]
-    assert st.save_every == 50
-    cmd = ab.train_command(ab.Paths(tmp_path), st, "s13", 0)
-    assert cmd[cmd.index("--stage3-save-every") + 1] == "50"
-    assert ab.Settings(s1_steps=30, s2_steps=20, s3_steps=200, eval_every=40).save_every == 10
-
-
-def test_settings_checks(ab, tmp_path):
-    with pytest.raises(SystemExit, match="multiple of --eval-every"):
-        ab.Settings(s3_steps=100, eval_every=30).check()
-    with pytest.raises(SystemExit, match="comparison \\(b\\)"):
-        ab.Settings(s1_steps=50, s2_steps=50, s3_steps=100, eval_every=10).check()
-    with pytest.raises(SystemExit, match="unknown arm"):
-        ab.Settings(arms=["s3", "s4"]).check()
-    # an existing experiment with other settings is not mixed with new ones
-    paths = ab.Paths(tmp_path)
-    args = ab.parse(["--root", str(tmp_path), "--s3-steps", "120", "--eval-every", "20", "--s1-steps", "20",
-                     "--s2-steps", "20"])
-    st = ab.settings_from(args, paths)
-    paths.settings.write_text(json.dumps(asdict(st)))
-    args2 = ab.parse(["--root", str(tmp_path), "--s3-steps", "160", "--eval-every", "20", "--s1-steps", "20",
-                      "--s2-steps", "20"])
-    with pytest.raises(SystemExit, match="s3_steps"):
-        ab.settings_from(args2, paths)
-    assert math.isnan(ab.mean_std([])[0])
-
-
-def test_skip_leaves_runs_out_of_this_scheduling_only(ab, tmp_path, capsys):
-    st = _settings(ab)
-    paths = ab.Paths(tmp_path)
-    ab.schedule(paths, st, jobs=2, threads=1, plan=True, skip=("s123-orig-seed2", "s23-seed0"))
-    planned = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ cocoa-train")]
-    assert len(planned) == 15 - 2
-    assert not any("runs/s123-orig-seed2 " in p or "runs/s23-seed0 " in p for p in planned)
-    with pytest.raises(SystemExit, match="--skip names no run"):
-        ab.schedule(paths, st, jobs=2, threads=1, plan=True, skip=("s123-seed9",))
+def test_quick_mode_end_to_end(ab, tmp_path):
+    """Every arm, both sweeps (one choice each), the mechanism and the report, through the real CLI."""
+    root = tmp_path / "abl"
+    env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+    cmd = [sys.executable, str(ROOT / "bench" / "ablation.py"), "--root", str(root), "--quick", "--seeds", "0",
+           "--s3-lrs", "0.001", "--configs", "full", "--png", str(tmp_path / "c.png")]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rep = json.loads((root / "report.json").read_text())
+    assert set(rep["arms"]) == {"s3", "s123", "s23", "s13"}
+    assert rep["choices"]["s3_lr"] == 0.001 and rep["choices"]["config"] == "full"
+    mech = rep["mechanism"]
+    assert set(mech) == {"base", "stage 1", "stages 1,2", "stage 2 alone"}
+    for row in mech.values():
+        assert {"probe_count", "probe_colors_f1", "swap_acc_own", "swap_acc_swapped", "zero_shot_val"} <= set(row)
+    for arm in rep["arms"]:
+        r = json.loads(next((root / "runs").glob(f"{arm}-*seed0/result.json")).read_text())
+        assert r["best"]["step"] in {int(k) for k in r["val_curve"]}
+        assert set(r["best"]["test"]["datasets"]) >= {"SceneCls", "SceneCls-OOD"}  # test has IND and OOD
+        assert not (root / "runs" / r["name"] / "train" / "stage3" / "checkpoints").exists()  # cleaned up
+    val = json.loads(next((root / "runs").glob("s3-*/evals/val-step-000000/results.json")).read_text())
+    assert not any(n.endswith("-OOD") for n in val["datasets"])  # validation: IND only
+    assert (tmp_path / "c.png").stat().st_size > 10_000
+    # resumable: a rerun finds everything done and trains nothing
+    p2 = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p2.returncode == 0 and "started" not in p2.stdout, p2.stdout[-2000:]
+    assert "Sweep 1" in (root / "report.md").read_text()
+    # settings are fixed per root
+    p3 = subprocess.run(cmd[:-2] + ["--patience", "3"], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert p3.returncode != 0 and "other settings" in (p3.stderr + p3.stdout)
+    assert asdict(ab.Settings())["s3_max_steps"] == 800
