@@ -129,7 +129,10 @@ def _load_model(input_model: str, config: TrainConfig, k: int, info: Any, full: 
     from .method import load_cocoa_model
 
     on_cuda = info.device.type == "cuda"
-    dtype = torch.bfloat16 if (on_cuda and not full) else torch.float32
+    # adapters: the frozen base in bf16 whenever the run computes in bf16 (auto on CUDA, or --precision bf16 on
+    # CPU too: a 3B base in fp32 is 15 GB); trainable weights are fp32 master weights (below)
+    bf16 = config.precision == "bf16" or (config.precision == "auto" and on_cuda)
+    dtype = torch.bfloat16 if (bf16 and not full) else torch.float32
     model = load_cocoa_model(input_model, config, k, info.device, dtype)
     hf = model.model
     extra = [m for name, m in model.named_children() if m is not hf]  # stage 1's image decoder
