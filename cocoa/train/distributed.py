@@ -34,7 +34,9 @@ class DistInfo:
 
     @property
     def enabled(self) -> bool:
-        return self.world > 1
+        """A process group is running: several processes, or one launched by torchrun (so that
+        ``torchrun --nproc_per_node 1 ... --strategy fsdp`` really wraps with FSDP2 on one GPU)."""
+        return self.world > 1 or bool(self.backend)
 
     @property
     def is_main(self) -> bool:
@@ -51,7 +53,9 @@ def init(device: str | None = None) -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(dev)
     backend = ""
-    if world > 1:
+    # torchrun sets TORCHELASTIC_RUN_ID; a single torchrun process starts a one-rank group too (DDP / FSDP2 then
+    # run exactly as on many GPUs), a plain `python -m cocoa.cli.train` does not
+    if world > 1 or (world == 1 and "TORCHELASTIC_RUN_ID" in os.environ and "MASTER_ADDR" in os.environ):
         backend = "nccl" if use_cuda else "gloo"
         if not dist.is_initialized():
             dist.init_process_group(backend=backend, timeout=timedelta(minutes=30),
