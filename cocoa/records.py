@@ -5,7 +5,9 @@ record type is laid out in Arrow shards (see :mod:`cocoa.shards`).
 
 Images are :class:`ImageRef` values: embedded bytes, or a POSIX path relative to a data root
 (the dataset directory the record is stored in, or a source root such as an MMEB image folder).
-Absolute paths and paths that climb out of their root are refused. In Arrow an ``ImageRef`` is a
+Absolute paths and paths that climb out of their root are refused, except the one form that refers to
+the workspace's content-addressed image store (``../images/<xx>/<sha256>.<ext>``, :data:`STORE_PATH`), which
+may only resolve inside the ``images/`` directory beside the dataset directory. In Arrow an ``ImageRef`` is a
 ``struct<bytes: binary, path: string>``: exactly the storage of Hugging Face ``datasets.Image``,
 so ``datasets`` decodes embedded images to PIL with no cocoa code involved.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import posixpath
+import re
 from json.encoder import encode_basestring as _enc
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar, Literal
@@ -62,9 +65,22 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
 
 
+# A reference into the workspace's image store (``DATA/images/<xx>/<sha256>.<ext>``, written by
+# :class:`cocoa.shards.ImageStore`), as seen from a dataset directory directly under the workspace
+# (``original/``, ``synthetic/``, ``curated/``, ``mix/``): the only path that may climb out of its dataset
+# directory, and only into the workspace's ``images/``.
+STORE_PATH = re.compile(r"^\.\./images/([0-9a-f]{2})/\1[0-9a-f]{62}\.(?:png|jpg|gif|webp|bmp|tif|img)$")
+
+
+def is_store_path(path: str | None) -> bool:
+    return path is not None and STORE_PATH.match(path) is not None
+
+
 def _check_relpath(path: str) -> str:
     if not path:
         raise ValueError("empty image path")
+    if STORE_PATH.match(path):
+        return path
     p = path.replace("\\", "/")
     if p.startswith("/") or PurePosixPath(p).is_absolute() or (len(p) > 1 and p[1] == ":"):
         raise ValueError(
@@ -80,7 +96,11 @@ _Bytes = bytes  # the field below is named `bytes` (datasets.Image layout) and s
 
 
 class ImageRef(_Model):
-    """An image: embedded encoded bytes (PNG/JPEG/...) and/or a path relative to a data root."""
+    """An image: embedded encoded bytes (PNG/JPEG/...) and/or a path relative to a data root.
+
+    A path of the form ``../images/<xx>/<sha256>.<ext>`` (:data:`STORE_PATH`) refers to the workspace's
+    content-addressed image store, the ``images/`` directory beside the dataset directory holding the record
+    (``stored`` is true): each image is stored once per workspace and every dataset refers to it."""
 
     bytes: _Bytes | None = None
     path: str | None = None
@@ -123,6 +143,12 @@ class ImageRef(_Model):
             raise RecordError(f"image path {self.path!r} is relative and no data root was given")
         root = Path(root).resolve()
         full = (root / self.path).resolve()
+        if is_store_path(self.path):  # the workspace's image store: only inside <dataset dir>/../images
+            store = root.parent / "images"
+            if store not in full.parents:
+                raise RecordError(f"image path {self.path!r} resolves outside the image store {store} (a symlink); "
+                                  "cocoa reads store images only from inside it: remove the link and rerun the command")
+            return full
         if full != root and root not in full.parents:
             raise RecordError(f"image path {self.path!r} escapes its data root {root} (symlink or '..')")
         return full
@@ -141,6 +167,11 @@ class ImageRef(_Model):
     def load(self, root: str | Path | None = None) -> Any:
         """Decode to an RGB PIL image (CMYK/RGBA/grayscale converted; bomb-guarded)."""
         return decode_image(self.read_bytes(root), name=self.path or "<embedded image>")
+
+    @property
+    def stored(self) -> bool:
+        """Whether this is a reference into the workspace's image store (no bytes, a store path)."""
+        return self.bytes is None and is_store_path(self.path)
 
     def digest(self, root: str | Path | None = None) -> str:
         return digest(self.read_bytes(root))

@@ -503,10 +503,53 @@ class ShardDataset:
         return pl.scan_ipc([str(f) for f in self.files])
 
     def to_hf(self, **kw: Any):  # type: ignore[no-untyped-def]
-        """The dataset through Hugging Face ``datasets`` (images decode to PIL)."""
+        """The dataset through Hugging Face ``datasets`` (images decode to PIL, from any working directory).
+
+        ``datasets.Image`` opens a path-only image relative to the current directory; images referred to by
+        path (the workspace's image store, an eval set's ``images/``) are therefore given as absolute paths
+        here (resolved and contained exactly as :meth:`ImageRef.resolve` does)."""
         import datasets
 
-        return datasets.load_dataset("arrow", data_files=[str(f) for f in self.files], split="train", **kw)
+        ds = datasets.load_dataset("arrow", data_files=[str(f) for f in self.files], split="train", **kw)
+        cols = [n for n in self.schema.names if self._path_only(n)]
+        if not cols:
+            return ds
+        from .records import IMAGE_TYPE, ImageRef
+
+        root = self.path.resolve()
+        raw, img = datasets.Image(decode=False), datasets.Image()
+        is_list = {n: not self.schema.field(n).type.equals(IMAGE_TYPE) for n in cols}
+        for n in cols:
+            ds = ds.cast_column(n, datasets.List(raw) if is_list[n] else raw)
+
+        def absolute(im: dict[str, Any] | None) -> dict[str, Any] | None:
+            if im is None or im.get("bytes") is not None or not im.get("path"):
+                return im
+            return {"bytes": None, "path": str(ImageRef(path=im["path"]).resolve(root))}
+
+        ds = ds.map(lambda r: {n: [absolute(x) for x in r[n]] if is_list[n] else absolute(r[n]) for n in cols},
+                    desc=None)
+        for n in cols:
+            ds = ds.cast_column(n, datasets.List(img) if is_list[n] else img)
+        return ds
+
+    def _path_only(self, column: str) -> bool:
+        """Whether some image of ``column`` is referred to by path only (no embedded bytes)."""
+        import pyarrow.compute as pc
+
+        from .records import IMAGE_TYPE
+
+        t = self.schema.field(column).type
+        if not (t.equals(IMAGE_TYPE) or (pa.types.is_list(t) and t.value_type.equals(IMAGE_TYPE))):
+            return False
+        for f in self.files:
+            col = self._open(f).read_all().column(column)
+            if pa.types.is_list(t):
+                col = pc.list_flatten(col)
+            if len(col) and pc.any(pc.and_(pc.is_null(pc.struct_field(col, "bytes")),
+                                           pc.is_valid(pc.struct_field(col, "path")))).as_py():
+                return True
+        return False
 
 
 def open_dataset(path: str | Path, **kw: Any) -> ShardDataset:
@@ -518,11 +561,123 @@ def read_records(path: str | Path, **kw: Any) -> Iterator[Any]:
 
 
 # ---------------------------------------------------------------------------------------------
+# the workspace's image store
+# ---------------------------------------------------------------------------------------------
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"), (b"GIF87a", "gif"), (b"GIF89a", "gif"),
+          (b"BM", "bmp"), (b"II*\x00", "tif"), (b"MM\x00*", "tif"))
+
+
+def image_extension(data: bytes) -> str:
+    """The file extension for encoded image bytes, from their magic number (``img`` when unknown)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    for magic, ext in _MAGIC:
+        if data.startswith(magic):
+            return ext
+    return "img"
+
+
+class ImageStore:
+    """The workspace's content-addressed image store, ``ROOT/images/<xx>/<sha256>.<ext>``: each image is
+    stored once per workspace, and the datasets directly under the workspace (``original/``, ``synthetic/``,
+    ``curated/``, ``mix/``) refer to it as ``ImageRef(path="../images/<xx>/<sha256>.<ext>")``.
+
+    A file is written to a unique temporary name, fsynced and renamed, so its final name always holds the
+    whole image (a killed writer leaves at most a ``.tmp-`` file, removed by :meth:`clean`); it is written
+    before any shard that refers to it is committed. ``images/`` carries cocoa's ownership marker. Nothing
+    ever deletes a store file (another dataset of the workspace may refer to it): ``--overwrite`` of a
+    dataset leaves its images in place.
+    """
+
+    DIR = "images"
+
+    def __init__(self, root: str | Path) -> None:
+        from .fs import mark_owned
+
+        self.root = Path(root)
+        self.dir = self.root / self.DIR
+        if self.dir.is_symlink() or (self.dir.exists() and not self.dir.is_dir()):
+            raise ShardError(f"{self.dir} is not a directory cocoa made (a link or a file); the workspace's image "
+                             "store must be a plain directory: move it away and rerun the command")
+        mark_owned(self.dir, "images")
+        self._last: tuple[int, bytes, Any] | None = None
+        self._known: set[str] = set()
+        self.written = 0
+        self.bytes_written = 0
+
+    def put(self, data: bytes) -> Any:
+        """Store ``data`` (if not there yet) and return its ``ImageRef`` as seen from a dataset directory."""
+        from .records import ImageRef
+
+        last = self._last
+        if last is not None and last[0] == id(data) and last[1] is data:
+            return last[2]  # the rows of one request share one bytes object
+        h = hashlib.sha256(data).hexdigest()
+        rel = f"{h[:2]}/{h}.{image_extension(data)}"
+        if rel not in self._known:
+            f = self.dir / rel
+            if not f.is_file() or f.stat().st_size != len(data):
+                atomic_write_bytes(f, data)
+                self.written += 1
+                self.bytes_written += len(data)
+            self._known.add(rel)
+        ref = ImageRef(path=f"../{self.DIR}/{rel}")
+        self._last = (id(data), data, ref)
+        return ref
+
+    def store_record(self, record: Any) -> Any:
+        """``record`` with every embedded image (an ``ImageRef`` field, or a list of them) moved to the store; its
+        id is kept (a content id, whatever the storage)."""
+        from .records import ImageRef
+
+        upd: dict[str, Any] = {}
+        for name in type(record).model_fields:
+            v = getattr(record, name)
+            if isinstance(v, ImageRef) and v.bytes is not None:
+                upd[name] = self.put(v.bytes)
+            elif isinstance(v, list) and any(isinstance(x, ImageRef) and x.bytes is not None for x in v):
+                upd[name] = [self.put(x.bytes) if isinstance(x, ImageRef) and x.bytes is not None else x for x in v]
+        return record.model_copy(update=upd) if upd else record
+
+    def adopt(self, ref: Any, root: str | Path | None) -> Any:
+        """``ref`` as a reference into this store: embedded bytes are stored, a store reference is kept (when it
+        is this store's), any other path is read under ``root`` and stored."""
+        if ref is None:
+            return None
+        if ref.bytes is None and ref.stored and root is not None and Path(root).resolve().parent == self.root.resolve():
+            return ref
+        return self.put(ref.read_bytes(root))
+
+    def clean(self) -> None:
+        """Remove temporary files an interrupted writer left (only names cocoa's atomic writer gives)."""
+        if not self.dir.is_dir():
+            return
+        for d in self.dir.iterdir():
+            if d.is_dir() and not d.is_symlink() and re.fullmatch(r"[0-9a-f]{2}", d.name):
+                for f in d.iterdir():
+                    if re.fullmatch(r"\.[0-9a-f]{64}\.[a-z]+\.tmp-[0-9a-f]+", f.name) and not f.is_symlink():
+                        f.unlink(missing_ok=True)
+
+
+def store_bytes(root: str | Path) -> tuple[int, int]:
+    """(files, bytes) held by the workspace's image store under ``root``."""
+    d = Path(root) / ImageStore.DIR
+    n = b = 0
+    if d.is_dir():
+        for f in d.glob("*/*"):
+            if f.is_file() and not f.name.startswith("."):
+                n += 1
+                b += f.stat().st_size
+    return n, b
+
+
+# ---------------------------------------------------------------------------------------------
 # workspace convention
 # ---------------------------------------------------------------------------------------------
 class Workspace:
     """The pipeline's directories under one root (default ``./shards``)::
 
+        images/              the image store: each image once (``ImageStore``), referred to by the datasets below
         original/            PairRecord   source pairs (MMEB-train or scenes)
         synthetic/           SynthRecord  teacher captions and QA
         synthetic/quarantine QuarantineRecord  teacher output that failed validation (raw text + reason)
@@ -542,3 +697,4 @@ class Workspace:
     rejected = property(lambda self: self.root / "curated" / "rejected")
     mix = property(lambda self: self.root / "mix")
     eval = property(lambda self: self.root / "eval")
+    images = property(lambda self: self.root / ImageStore.DIR)

@@ -140,7 +140,7 @@ def test_mix_counts_ratio_and_card(mixed):
     for needle in ["achieved = 1.0000:1", "| synthetic | docs | 10 |", "no_image", "content sha256", "near"]:
         assert needle in readme
     for r in rows:
-        assert r.stages == [1, 2] and r.image is not None and r.image.bytes is not None
+        assert r.stages == [1, 2] and r.image is not None and r.image.stored  # a reference into the image store
         assert r.meta["record_id"] == r.origin_id and r.meta["input"] in ("original", "curated")
 
 
@@ -172,7 +172,8 @@ def test_cli_mix_default_workspace_and_hf(mixed, monkeypatch):
     assert "ratio 1.0000:1" in r.output and "not mixed" in r.output
     import datasets
 
-    ds = datasets.load_dataset("arrow", data_files=[str(f) for f in open_dataset(ws.mix).files], split="train")
+    monkeypatch.chdir(ws.mix)  # images are in the workspace's store, referred to relative to the dataset directory
+    ds = datasets.load_dataset("arrow", data_files=[s.file for s in open_dataset(ws.mix).manifest.shards], split="train")
     assert len(ds) == 60 and set(ds.column_names) >= {"origin", "origin_id", "stages", "image", "prompt", "text"}
     assert ds[0]["image"].size == (64, 64)
     report = json.loads((ws.mix / "mix_report.json").read_text())

@@ -38,17 +38,17 @@ def test_readme_datasets_recipe_reads_every_dataset_directory(workspace, directo
     import json
 
     code = _readme_snippet()
-    assert 'root = "shards/original"' in code
+    assert 'os.chdir("shards/original")' in code
     m = json.loads((workspace / "shards" / directory / "manifest.json").read_text())
     if m["num_rows"] == 0:  # what the README says of an empty dataset: no shards, check num_rows first
         assert m["shards"] == [] and m["complete"]
         return
     if directory != "original":
-        code = code.replace('root = "shards/original"', f'root = "shards/{directory}"')
+        code = code.replace('os.chdir("shards/original")', f'os.chdir("shards/{directory}")')
     code = code.replace('ds[0]["qry_image"]', "ds")  # the image column is named per record type
     code += (
         "\nimport json as _j\n"
-        "_m = _j.load(open(f'{root}/manifest.json'))\n"
+        "_m = _j.load(open('manifest.json'))\n"
         "assert ds.num_rows == _m['num_rows'], (ds.num_rows, _m['num_rows'])\n"
         "_img = [c for c in ('qry_image', 'image') if c in ds.column_names]\n"
         "if ds.num_rows and _img:\n"

@@ -48,7 +48,7 @@ def test_scenes_run_writes_original_synthetic_and_hf_opens_them(scenes_run):
     parents = {p.id for p in orig}
     for r in recs:
         assert r.parent_id in parents and r.teacher.backend == "scenes" and len(r.template.hash) == 16
-        assert r.template.name in ("caption_natural", "qa_natural") and r.image.bytes
+        assert r.template.name in ("caption_natural", "qa_natural") and r.image.stored and r.image.load(out / "synthetic").size[0] > 0
     # one request per (unique image, task): keys are unique per caption, shared by a request's QA rows
     cap_keys = [r.key for r in recs if r.kind == "caption"]
     assert len(cap_keys) == len(set(cap_keys))

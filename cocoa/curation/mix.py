@@ -29,7 +29,7 @@ from typing import Any
 import xxhash
 
 from ..records import ImageRef, MixRecord, PairRecord, RecordError, SynthRecord, canonical_json
-from ..shards import ShardWriter, Workspace, atomic_write_json, atomic_write_text, open_dataset
+from ..shards import ImageStore, ShardWriter, Workspace, atomic_write_json, atomic_write_text, open_dataset
 from ..errors import CocoaError
 from .inputs import dataset_checksum, open_checked, pa_indices
 
@@ -83,7 +83,7 @@ def to_mix_record(record: PairRecord | SynthRecord, image: ImageRef | None = Non
                   input_name: str = "") -> MixRecord | None:
     """Map one original or curated record to a mix row, or None when it cannot serve stages 1-2.
 
-    ``image`` replaces the record's image (e.g. the same image with its bytes embedded, so the row
+    ``image`` replaces the record's image (e.g. the same image as a reference into the image store, so the row
     does not depend on the input directory). ``input_name`` is recorded in ``meta`` (provenance).
     """
     if isinstance(record, SynthRecord):
@@ -340,6 +340,7 @@ def _run_mix(ws: Workspace, a: float, b: float, stratify: bool, upsample: bool, 
     o_table = orig.table() if orig is not None else None
     s_table = cur.table() if cur is not None else None
     entries: list[tuple[int, MixRecord]] = []
+    store = ImageStore(ws.root)  # mix/ refers to the workspace's images; it holds no copies
     from ..records import from_row
 
     progress = make_progress(console, show_progress)
@@ -358,7 +359,7 @@ def _run_mix(ws: Workspace, a: float, b: float, stratify: bool, upsample: bool, 
                 part_u, part_p = uniq[s:s + 10_000], phys[s:s + 10_000]
                 for u, pidx, row in zip(part_u, part_p, table.take(pa_indices(part_p)).to_pylist()):
                     rec = from_row(rt, row, where=f"{ds.path} row {pidx}")
-                    img = _embedded(rec, ds.path)
+                    img = _stored(rec, ds.path, store)
                     m = to_mix_record(rec, image=img, input_name=str(ds.path.name))
                     assert m is not None  # candidates were filtered by pair_kind
                     recs[u] = m
@@ -401,15 +402,14 @@ def _run_mix(ws: Workspace, a: float, b: float, stratify: bool, upsample: bool, 
     return card
 
 
-def _embedded(rec: PairRecord | SynthRecord, root: Path) -> ImageRef | None:
-    """The record's mixed image with its bytes embedded (path refs are relative to the input dir)."""
+def _stored(rec: PairRecord | SynthRecord, root: Path, store: ImageStore) -> ImageRef | None:
+    """The record's mixed image as a reference into the workspace's image store (embedded bytes of older
+    inputs are stored there; path refs are relative to the input dir)."""
     if isinstance(rec, SynthRecord):
         ref = rec.image
     else:
         ref = rec.qry_image if pair_kind(rec) == "image_to_text" else rec.pos_image
-    if ref is None or ref.bytes is not None:
-        return ref
-    return ImageRef(bytes=ref.read_bytes(root), path=ref.path)
+    return store.adopt(ref, root)
 
 
 def dataset_card(card: dict[str, Any]) -> str:
@@ -423,7 +423,9 @@ def dataset_card(card: dict[str, Any]) -> str:
         "# cocoa training mixture",
         "",
         "Written by `cocoa-data mix`. Rows are `MixRecord`s (Arrow IPC shards, readable with "
-        "`datasets.load_dataset(\"arrow\", data_files=...)`). Every row keeps its provenance "
+        "`datasets.load_dataset(\"arrow\", data_files=...)` run from this directory). Images are not copied here: "
+        "rows refer to the workspace's image store (`../images/<xx>/<sha256>.<ext>`), so move or publish this "
+        "directory together with `../images/`. Every row keeps its provenance "
         "(`origin`, `origin_id`, `meta.input`, `meta.record_id`, `meta.kind`).",
         "",
         "Stages: every row serves stage 1 (image + text) and stage 2 (block A = image + prompt, "

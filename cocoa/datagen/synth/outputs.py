@@ -16,6 +16,7 @@ from ...fs import check_removable, is_locked, remove_owned_tree
 from ...records import ImageRef, PairRecord, QuarantineRecord, SynthRecord, TemplateInfo, canonical_json
 from ...shards import (
     MANIFEST,
+    ImageStore,
     Manifest,
     ShardDataset,
     ShardError,
@@ -255,6 +256,12 @@ def embedded_pair(pair: PairRecord, images: dict[str, tuple[bytes | None, str]])
     return pair.model_copy(update=upd) if upd else pair
 
 
+def stored_pair(pair: PairRecord, store: ImageStore) -> PairRecord:
+    """The pair with its embedded images moved to the workspace's image store (its id is kept: it is the
+    pair's content id, whatever the storage)."""
+    return store.store_record(pair)
+
+
 # ---------------------------------------------------------------------------------------------
 # this worker's writers and the commit policy
 # ---------------------------------------------------------------------------------------------
@@ -272,6 +279,8 @@ class PartWriters:
         self.original = (ShardWriter(ws.original / "parts" / part, "PairRecord", mode="append",
                                      max_rows=_HUGE, max_bytes=_HUGE, provenance=original_provenance)
                          if original_provenance is not None else None)
+        self.store = ImageStore(ws.root)  # each image once per workspace; rows refer to it by digest
+        self.store.clean()
         self.commit_every, self.commit_seconds = commit_every, commit_seconds
         self.open = True
         self.pending_rows = 0
@@ -281,6 +290,8 @@ class PartWriters:
 
     def write_rows(self, rows: list[SynthRecord], image_bytes: int) -> None:
         for r in rows:
+            if r.image.bytes is not None:  # the image goes to the store (written before the shard is committed)
+                r = r.model_copy(update={"image": self.store.put(r.image.bytes)})
             self.synthetic.write(r)
         self.pending_rows += len(rows)
         self.pending_bytes += image_bytes * len(rows)
@@ -291,7 +302,7 @@ class PartWriters:
 
     def write_original(self, pair: PairRecord) -> None:
         assert self.original is not None
-        self.original.write(pair)
+        self.original.write(stored_pair(pair, self.store))
         self.pending_orig += 1
 
     def maybe_commit(self) -> None:

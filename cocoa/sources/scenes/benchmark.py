@@ -78,7 +78,7 @@ def build_benchmark(
 
 def _build(root: Path, names: list[str], n_train: int, eval_per_task: int, n_distractors: int, seed: int,
            image_size: int, progress: Progress | None, shard_rows: int) -> dict[str, Any]:
-    from ...shards import ShardWriter, atomic_write_json
+    from ...shards import ImageStore, ShardWriter, atomic_write_json
 
     (root / "eval").mkdir(parents=True, exist_ok=True)
     prog = progress or (lambda stage, done, total: None)
@@ -101,9 +101,11 @@ def _build(root: Path, names: list[str], n_train: int, eval_per_task: int, n_dis
     # training pairs
     tmp = tmp_for(root / "original")
     counts: Counter[str] = Counter()
+    images = ImageStore(root)  # root/images: each image once; original/ refers to it (../images/...)
+    images.clean()
     with ShardWriter(tmp, "PairRecord", max_rows=shard_rows, provenance=prov) as w:
         for k, rec in enumerate(iter_train_pairs(n_train, seed, image_size=image_size)):
-            w.write(rec)
+            w.write(images.store_record(rec))
             counts[rec.meta["task"]] += 1
             if (k + 1) % 50 == 0 or k + 1 == n_train:
                 prog("train", k + 1, n_train)
@@ -136,25 +138,8 @@ def _build(root: Path, names: list[str], n_train: int, eval_per_task: int, n_dis
 
 def load_eval_hf(dataset_dir: str | Path):  # type: ignore[no-untyped-def]
     """An evaluation dataset directory through Hugging Face ``datasets``, with image paths made
-    absolute so that ``Image`` features decode from any working directory.
-
-    (``open_dataset(dir).to_hf()`` opens the same records; its path-only images decode relative to
-    the current directory, as ``datasets.Image`` does for any relative path.)"""
-    import datasets
-
+    absolute so that ``Image`` features decode from any working directory (what
+    ``open_dataset(dir).to_hf()`` does for every dataset)."""
     from ...shards import open_dataset
 
-    dataset_dir = Path(dataset_dir).resolve()
-    ds = open_dataset(dataset_dir).to_hf()
-    raw = datasets.Image(decode=False)
-    ds = ds.cast_column("qry_image", raw).cast_column("tgt_images", datasets.List(raw))
-
-    def absolute(im: dict[str, Any] | None) -> dict[str, Any] | None:
-        if im is None or im.get("bytes") is not None or not im.get("path"):
-            return im
-        return {"bytes": None, "path": str(ImageRef(path=im["path"]).resolve(dataset_dir))}
-
-    ds = ds.map(lambda r: {"qry_image": absolute(r["qry_image"]), "tgt_images": [absolute(x) for x in r["tgt_images"]]},
-                desc=None)
-    img = datasets.Image()
-    return ds.cast_column("qry_image", img).cast_column("tgt_images", datasets.List(img))
+    return open_dataset(Path(dataset_dir).resolve()).to_hf()
