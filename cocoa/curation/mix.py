@@ -394,7 +394,7 @@ def _run_mix(ws: Workspace, a: float, b: float, stratify: bool, upsample: bool, 
     }
     prov = {"stage": "mix", **{k: card[k] for k in ("ratio_requested", "seed", "stratify", "upsample", "inputs")}}
     with staged_output(ws.mix, "mix", "cocoa-data mix") as stage:  # swapped in when complete
-        with ShardWriter(stage, "MixRecord", mode="create", provenance=prov) as w:
+        with ShardWriter(stage, "MixRecord", mode="create", provenance=prov, before_commit=store.sync) as w:
             for _, m in entries:
                 w.write(m)
         atomic_write_text(stage / "README.md", dataset_card(card))

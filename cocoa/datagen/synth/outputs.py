@@ -315,6 +315,7 @@ class PartWriters:
         """Make every finished request durable (one shard per writer with pending rows)."""
         if not self.open:
             return
+        self.store.sync()  # the images the new shards refer to are durable before the shards are committed
         for w in (self.synthetic, self.quarantine, self.original):
             if w is not None:
                 w.flush()
@@ -324,6 +325,7 @@ class PartWriters:
     def close(self, complete: bool) -> None:
         """Mark each part complete (``complete``) or leave it incomplete for a rerun; no commit after this."""
         self.open = False
+        self.store.sync()
         for w in (self.synthetic, self.quarantine, self.original):
             if w is None:
                 continue

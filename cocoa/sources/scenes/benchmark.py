@@ -103,7 +103,7 @@ def _build(root: Path, names: list[str], n_train: int, eval_per_task: int, n_dis
     counts: Counter[str] = Counter()
     images = ImageStore(root)  # root/images: each image once; original/ refers to it (../images/...)
     images.clean()
-    with ShardWriter(tmp, "PairRecord", max_rows=shard_rows, provenance=prov) as w:
+    with ShardWriter(tmp, "PairRecord", max_rows=shard_rows, provenance=prov, before_commit=images.sync) as w:
         for k, rec in enumerate(iter_train_pairs(n_train, seed, image_size=image_size)):
             w.write(images.store_record(rec))
             counts[rec.meta["task"]] += 1
