@@ -43,6 +43,8 @@ def synth(config: SynthConfig) -> None:
     """
     from ..datagen.synth import Synthesizer
 
+    if config.engine == "ray" and not config.dry_run:
+        from ..datagen.synth.ray_engine import RaySynthesizer as Synthesizer  # type: ignore[assignment]
     con = console()
     if config.dry_run:
         s = Synthesizer(config, console=con).run()

@@ -114,6 +114,15 @@ class SynthConfig(Config):
             problem = base_url_problem(self.base_url)
             if problem:
                 raise ValueError(problem)
+    # engine (cocoa/datagen/synth/ray_engine.py; docs/synth.md "Scaling out")
+    engine: Literal["local", "ray"] = Field("local", description="local: this process asks the teacher; ray: a Ray "
+                                            "Data actor pool of --workers teachers (one GPU each for vllm/transformers "
+                                            "on a GPU cluster) does, this process plans and writes")
+    ray_address: str | None = Field(None, description="--engine ray: the cluster to join (e.g. ray://head:10001 or "
+                                    "auto); default $RAY_ADDRESS, else a local cluster started for the run")
+    workers: int = Field(1, ge=1, le=4096, description="--engine ray: teacher actors (model replicas)")
+    ray_gpus: float | None = Field(None, ge=0, le=64, description="--engine ray: GPUs per teacher actor (default: "
+                                   "--vllm-tensor-parallel-size for vllm, 1 for transformers on a cuda device, else 0)")
         return self
 
     def resolved_max_tokens(self, backend: str | None = None) -> int:
