@@ -90,6 +90,15 @@ class SynthConfig(Config):
     # work split and durability
     shard_index: int = Field(0, ge=0, description="This worker's index (0..num_shards-1)")
     num_shards: int = Field(1, ge=1, description="Number of workers splitting the work by request key")
+    # engine (cocoa/datagen/synth/ray_engine.py; docs/synth.md "Scaling out")
+    engine: Literal["local", "ray"] = Field("local", description="local: this process asks the teacher; ray: a Ray "
+                                            "Data actor pool of --workers teachers (one GPU each for vllm/transformers "
+                                            "on a GPU cluster) does, this process plans and writes")
+    ray_address: str | None = Field(None, description="--engine ray: the cluster to join (e.g. ray://head:10001 or "
+                                    "auto); default $RAY_ADDRESS, else a local cluster started for the run")
+    workers: int = Field(1, ge=1, le=4096, description="--engine ray: teacher actors (model replicas)")
+    ray_gpus: float | None = Field(None, ge=0, le=64, description="--engine ray: GPUs per teacher actor (default: "
+                                   "--vllm-tensor-parallel-size for vllm, 1 for transformers on a cuda device, else 0)")
     commit_every: int = Field(256, ge=1, description="Commit a shard after this many finished records")
     commit_seconds: float = Field(120.0, gt=0, description="...or after this many seconds")
     # modes
@@ -114,15 +123,6 @@ class SynthConfig(Config):
             problem = base_url_problem(self.base_url)
             if problem:
                 raise ValueError(problem)
-    # engine (cocoa/datagen/synth/ray_engine.py; docs/synth.md "Scaling out")
-    engine: Literal["local", "ray"] = Field("local", description="local: this process asks the teacher; ray: a Ray "
-                                            "Data actor pool of --workers teachers (one GPU each for vllm/transformers "
-                                            "on a GPU cluster) does, this process plans and writes")
-    ray_address: str | None = Field(None, description="--engine ray: the cluster to join (e.g. ray://head:10001 or "
-                                    "auto); default $RAY_ADDRESS, else a local cluster started for the run")
-    workers: int = Field(1, ge=1, le=4096, description="--engine ray: teacher actors (model replicas)")
-    ray_gpus: float | None = Field(None, ge=0, le=64, description="--engine ray: GPUs per teacher actor (default: "
-                                   "--vllm-tensor-parallel-size for vllm, 1 for transformers on a cuda device, else 0)")
         return self
 
     def resolved_max_tokens(self, backend: str | None = None) -> int:
