@@ -237,6 +237,10 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=0.7)
     ap.add_argument("--no-curate", action="store_true", help="skip the full curate run")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--max-load", type=float, default=1.5,
+                    help="refuse to measure when the 1-minute load average before the run is above this")
+    ap.add_argument("--allow-loaded", action="store_true",
+                    help="measure and write the figures on a loaded machine anyway (marked loaded in summary.json)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-args", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -253,6 +257,19 @@ def main() -> None:
 
     import pyarrow as pa
     import pyarrow.ipc as ipc
+
+    # Figures from a loaded machine are not comparable (datasketch slows down more than cocoa under load:
+    # docs/benchmarks.md). The gate is the 1-minute load average *before* the run: the bench's own processes
+    # raise it while they run (recorded too, at the end).
+    load_before = os.getloadavg()
+    loaded = load_before[0] > args.max_load
+    if loaded and not args.allow_loaded:
+        sys.exit(f"curate_bench: the 1-minute load average is {load_before[0]:.2f} (> {args.max_load}): figures "
+                 "measured now would not be comparable; wait for an idle machine, or pass --allow-loaded to measure "
+                 "anyway (the summary is then marked loaded)")
+    if loaded:
+        print(f"warning: load average {load_before[0]:.2f} > {args.max_load}: these figures are from a LOADED machine "
+              "(--allow-loaded) and are marked so in summary.json")
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="curate_bench_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -329,6 +346,9 @@ def main() -> None:
         print("  drops:", res_k["drops"])
         print("  step seconds:", {k: v for k, v in res_k["timings"].items() if v >= 0.05})
         summary["curate"] = {**res_k, "peak_rss_gb": rss_k}
+    summary["load_average"] = {"before_1_5_15min": [round(x, 2) for x in load_before],
+                               "after_1_5_15min": [round(x, 2) for x in os.getloadavg()],
+                               "max_load": args.max_load, "loaded": loaded}
     (work / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"\nsummary: {work / 'summary.json'}")
 
