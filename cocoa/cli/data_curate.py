@@ -19,8 +19,16 @@ from .common import console
                    "several (e.g. a scenes benchmark's eval/), or an MMEB-eval directory in its published layout "
                    "(<Dataset>/test-*.parquet + images.zip, a TIGER-Lab/MMEB-eval snapshot).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
+@click.option("--engine", type=click.Choice(["polars", "ray"]), default="polars", show_default=True,
+              help="polars: one process, one frame; ray: the same rules on Ray Data (blocks, shuffles by key), the "
+                   "same curated/ and rejected/ rows (docs/curation.md \"Scaling out\").")
+@click.option("--ray-address", default=None,
+              help="--engine ray: the cluster to join (default $RAY_ADDRESS, else a local cluster is started).")
+@click.option("--workers", type=click.IntRange(1, 4096), default=4, show_default=True,
+              help="--engine ray: blocks processed at once.")
 @config_options(CurationConfig)
-def curate(data: Path, eval_data: Path | None, progress: bool, config: CurationConfig) -> None:
+def curate(data: Path, eval_data: Path | None, progress: bool, engine: str, ray_address: str | None, workers: int,
+           config: CurationConfig) -> None:
     """Filter, deduplicate and decontaminate synthetic data: synthetic/ -> curated/.
 
     \b
@@ -34,7 +42,15 @@ def curate(data: Path, eval_data: Path | None, progress: bool, config: CurationC
     from ..curation.pipeline import print_report, run_curation
 
     con = console()
-    result = run_curation(data, config, eval_data=eval_data, show_progress=progress, console=con)
+    if engine == "ray":
+        from ..curation.ray_engine import run_curation_ray
+
+        result = run_curation_ray(data, config, eval_data=eval_data, show_progress=progress, console=con,
+                                  address=ray_address, workers=workers)
+    else:
+        if ray_address is not None:
+            raise click.UsageError("--ray-address needs --engine ray")
+        result = run_curation(data, config, eval_data=eval_data, show_progress=progress, console=con)
     print_report(result.report, con)
     for warning in result.report.get("warnings", []):
         click.secho(f"warning: {warning}", fg="yellow", err=True)

@@ -133,12 +133,7 @@ def near_duplicates(
             continue
         flagged[rows] = True
         f, o = _subset(sh, soff, rows)
-        vals = np.asarray(_signatures(f, o, r, bseed).to_rows(), dtype=np.uint64)
-        key = np.zeros(len(rows), dtype=np.uint64)
-        with np.errstate(over="ignore"):
-            for j in range(r):
-                key = (key * np.uint64(0x100000001B3)) ^ vals[:, j]
-                key ^= key >> np.uint64(29)
+        key = band_keys(np.asarray(_signatures(f, o, r, bseed).to_rows(), dtype=np.uint64))
         pairs.append(bucket_pairs(key, rows.astype(np.int64), max_bucket_pairs))
     n_flagged = int(flagged.sum())
     if not pairs:
@@ -164,6 +159,16 @@ def near_duplicates(
     np.maximum.at(best, linked[:, 1], jac[ok])
     sim[nonempty] = best
     return NearDupResult(rep, sim, n_flagged, int(len(allp)), int(len(linked)))
+
+
+def band_keys(vals: np.ndarray) -> np.ndarray:
+    """One uint64 key per row of a band's MinHash values (``rows x r``): rows with equal band values share it."""
+    key = np.zeros(len(vals), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(vals.shape[1] if vals.ndim == 2 else 0):
+            key = (key * np.uint64(0x100000001B3)) ^ vals[:, j]
+            key ^= key >> np.uint64(29)
+    return key
 
 
 def bucket_pairs(key: np.ndarray, ids: np.ndarray, max_bucket_pairs: int) -> np.ndarray:

@@ -37,40 +37,14 @@ def load_frame(ds: ShardDataset, cfg: CurationConfig, progress: Any = None):  # 
         .otherwise(pl.col("caption").fill_null("")),
     )
 
-    # image keys (content digest) and features, once per distinct image: per shard, Arrow finds the
-    # distinct byte strings (hash-based, in C++) and only those are digested and analysed
-    import pyarrow.compute as pc
-
+    # image keys (content digest) and features, once per distinct image
     table = ImageTable(max_pixels=cfg.image.max_pixels)
     key_ids: dict[str, int] = {}
     keys_l: list[np.ndarray] = []
     ids_l: list[np.ndarray] = []
     task = progress.add_task("images", total=len(ds)) if progress else None
     for f in ds.files:
-        col = ds._open(f).read_all().column("image")
-        raw = pc.struct_field(col, "bytes")
-        paths = pc.struct_field(col, "path")
-        uniq = pc.unique(raw)
-        idx = pc.index_in(raw, value_set=uniq, skip_nulls=True).to_numpy(zero_copy_only=False)
-        ukeys = []
-        for b in uniq.to_pylist():
-            if b is None:
-                ukeys.append(None)
-                continue
-            k = xxhash.xxh3_128_hexdigest(b)
-            if k not in key_ids:
-                key_ids[k] = len(key_ids)
-                table.add(k, {"bytes": b, "path": None}, ds.path)
-            ukeys.append(k)
-        row_keys = np.array(ukeys + [None], dtype=object)[np.nan_to_num(idx, nan=len(ukeys)).astype(np.int64)]
-        if raw.null_count:
-            for j in np.flatnonzero(pd_isnull(row_keys)):
-                p = paths[int(j)].as_py()
-                k = "path:" + (p or "")
-                if k not in key_ids:
-                    key_ids[k] = len(key_ids)
-                    table.add(k, {"bytes": None, "path": p}, ds.path)
-                row_keys[j] = k
+        row_keys = image_keys(ds._open(f).read_all().column("image"), table, key_ids, ds.path)
         keys_l.append(row_keys)
         ids_l.append(np.fromiter((key_ids[k] for k in row_keys), dtype=np.int64, count=len(row_keys)))
         if progress:
@@ -80,6 +54,38 @@ def load_frame(ds: ShardDataset, cfg: CurationConfig, progress: Any = None):  # 
                          pl.Series("_img_id", np.concatenate(ids_l) if ids_l else np.zeros(0, dtype=np.int64)))
     df = df.join(table.frame(), on="_img", how="left", maintain_order="left")
     return df, len(table.infos)
+
+
+def image_keys(col, table: ImageTable, key_ids: dict[str, int], root: Any) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """The image key of every row of an Arrow ``image`` column (object array): the xxh3-128 of the bytes, or
+    ``"path:" + path``. Each key not in ``key_ids`` yet is numbered there and added to ``table`` (analysed
+    once). Arrow finds the distinct byte strings (hash-based, in C++); only those are digested."""
+    import pyarrow.compute as pc
+
+    raw = pc.struct_field(col, "bytes")
+    paths = pc.struct_field(col, "path")
+    uniq = pc.unique(raw)
+    idx = pc.index_in(raw, value_set=uniq, skip_nulls=True).to_numpy(zero_copy_only=False)
+    ukeys = []
+    for b in uniq.to_pylist():
+        if b is None:
+            ukeys.append(None)
+            continue
+        k = xxhash.xxh3_128_hexdigest(b)
+        if k not in key_ids:
+            key_ids[k] = len(key_ids)
+            table.add(k, {"bytes": b, "path": None}, root)
+        ukeys.append(k)
+    row_keys = np.array(ukeys + [None], dtype=object)[np.nan_to_num(idx, nan=len(ukeys)).astype(np.int64)]
+    if raw.null_count:
+        for j in np.flatnonzero(pd_isnull(row_keys)):
+            p = paths[int(j)].as_py()
+            k = "path:" + (p or "")
+            if k not in key_ids:
+                key_ids[k] = len(key_ids)
+                table.add(k, {"bytes": None, "path": p}, root)
+            row_keys[j] = k
+    return row_keys
 
 
 def text_features(df, cfg: CurationConfig, progress: Any = None):  # type: ignore[no-untyped-def]

@@ -36,8 +36,13 @@ def record_problems(ds: ShardDataset):  # type: ignore[no-untyped-def]
     with the matching text fields, an image with bytes or a safe relative path, teacher/template
     present, ``meta`` a JSON object. Rows that fail are rejected as ``invalid_record`` with this detail.
     """
+    return record_problems_frame(ds.scan())
+
+
+def record_problems_frame(lf):  # type: ignore[no-untyped-def]
+    """:func:`record_problems` of a Polars LazyFrame of SynthRecord rows (one block of a dataset: the
+    result of a row depends on that row only)."""
     pl = _pl()
-    lf = ds.scan()
     s = lambda c: pl.col(c).str.strip_chars()  # noqa: E731
     empty = lambda c: pl.col(c).is_null() | (pl.col(c) == "")  # noqa: E731
     blank = lambda c: pl.col(c).is_null() | (s(c) == "")  # noqa: E731
