@@ -120,7 +120,7 @@ def test_dora_adapters_are_merged_into_a_plain_checkpoint(ws, tiny_model_dir, tm
         "stages": "3", "data": str(ws), "model": str(tiny_model_dir), "out": str(out), "preset": "paper",
         "progress": False, "lora": {"method": "dora", "r": 4, "alpha": 32},
         "stage3": {"steps": 2, "batch_size": 8, "micro_batch_size": 4, "lr": 1e-2, "max_length": 128,
-                   "warmup_ratio": 0, "temperature": 0.05},
+                   "warmup_ratio": 0, "temperature": 0.05, "image_max_pixels": 112 * 112},
     })
     res = run_training(cfg)
     saved = load_file(str(Path(res["stages"][3]) / "model.safetensors"))

@@ -177,13 +177,18 @@ class TrainConfig(Config):
 # ---------------------------------------------------------------------------------------------------
 # presets
 # ---------------------------------------------------------------------------------------------------
+# Pixel budgets of the paper preset: the hub processors of Qwen2-VL / Qwen2.5-VL allow 12,845,056 pixels (16,384
+# image tokens), which no max length of the recipe holds (preflight refused `--preset paper --model
+# Qwen/Qwen2-VL-2B-Instruct`). Stages 1-2 at the authors' 448 px (256 tokens), stage 3 at MMEB's evaluation
+# budget, 672 px (576 tokens), which cocoa.json then carries to evaluation.
+PAPER_PIXELS = {1: 448 * 448, 2: 448 * 448, 3: 672 * 672}
 _TINY_STAGE = {"steps": 100, "batch_size": 16, "micro_batch_size": 16, "lr": 1e-4, "warmup_ratio": 0.1,
                "max_grad_norm": 1.0, "max_length": 256, "save_every": 50}
 # The tiny preset follows the CPU miniature (the project notes of 2026-11-26; docs/models.md): full fine-tuning, stage 3 at lr 3e-4,
 # tau 0.05, batch 64 (it learns; lr 1e-3 without clipping does not), and a gentle stage 2 (lr 3e-5 kept
 # more of the generative pre-training than 3e-4 before stage 3).
 PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {},
+    "paper": {f"stage{k}": {"image_max_pixels": px} for k, px in PAPER_PIXELS.items()},
     "tiny": {
         "lora": {"method": "full"},
         "stage1": dict(_TINY_STAGE),
@@ -215,4 +220,4 @@ def _copy(d: dict[str, Any]) -> dict[str, Any]:
 
 
 __all__ = ["TrainConfig", "LoraSection", "StageSection", "Stage1Section", "Stage2Section", "Stage3Section",
-           "PRESETS", "resolve_preset", "explicit_settings", "parse_stages", "ConfigError", "DEFAULT_TARGETS"]
+           "PRESETS", "PAPER_PIXELS", "resolve_preset", "explicit_settings", "parse_stages", "ConfigError", "DEFAULT_TARGETS"]
