@@ -1,7 +1,8 @@
-"""`cocoa-data curate --engine ray` on a real local Ray cluster (one per module, shut down at the end) writes the same
-curated/ and curated/rejected/ rows as the Polars path: the same shard bytes (ids, contents, order), the same
-reasons and details, the same report counts, on a workspace with planted exact and near duplicates, a pHash
-near-duplicate image and contaminated rows, images both embedded and in the workspace's image store."""
+"""`cocoa-data curate --engine ray` on a real local Ray cluster (one per module, shut down at the end) writes the
+same curated/ and curated/rejected/ rows as the Polars path (the same shards holding the same rows in the same
+order: ids, contents, reasons, details) and the same report counts, on a workspace with planted exact and near
+duplicates, a pHash near-duplicate image, contaminated and schema-invalid rows, images both embedded and in the
+workspace's image store; a driver SIGKILLed mid-run leaves the previous curated/ whole."""
 
 import json
 from pathlib import Path
@@ -37,12 +38,20 @@ def planted(tmp_path_factory):
     return planted_workspace(tmp_path_factory.mktemp("planted"), n_images=80, shard_rows=64)
 
 
+def _rows(f: Path) -> list[dict]:
+    """A shard's rows as stored (the Arrow table; the files' bytes may differ in how record batches lay out)."""
+    import pyarrow as pa
+    from pyarrow import ipc
+
+    return ipc.open_file(pa.memory_map(str(f), "r")).read_all().to_pylist()
+
+
 def _outputs(ws) -> dict:  # type: ignore[no-untyped-def]
     cur, rej = open_dataset(ws.curated), open_dataset(ws.rejected)
     rep = json.loads((ws.curated / "report.json").read_text())
     return {
-        "curated": [f.read_bytes() for f in cur.files],  # ids, contents, order and shard boundaries
-        "rejected": [f.read_bytes() for f in rej.files],
+        "curated": [_rows(f) for f in cur.files],  # ids, contents, order and shard boundaries
+        "rejected": [_rows(f) for f in rej.files],
         "provenance": (cur.manifest.provenance, rej.manifest.provenance),
         "reasons": sorted((q.record_id, q.reason, q.detail) for q in rej),
         "report": {k: rep[k] for k in ("rows_in", "rows_out", "rows_rejected", "kinds_in", "kinds_out",
@@ -60,7 +69,7 @@ def test_ray_equals_polars_on_planted_workspace(cluster, planted):
     reasons = {r for _, r, _ in want["reasons"]}
     # the planted rows are there to be found (so that equality means something)
     assert {"exact_dup_image", "exact_dup_global", "near_dup", "image_near_dup", "decontam_image", "decontam_text",
-            "image_unreadable", "length", "refusal"} <= reasons
+            "image_unreadable", "length", "refusal", "invalid_record"} <= reasons
     assert want["report"]["near_dup"]["pairs_linked"] >= 4
     assert len(open_dataset(ws.synthetic).files) > 3  # several shards, each cut into blocks of 50 rows
     for k in want:
@@ -91,3 +100,36 @@ def test_cli_engine_ray_equals_polars_with_qa_dedup_and_star_buckets(cluster, pl
 def test_ray_address_needs_engine_ray(tmp_path):
     r = CliRunner().invoke(cli, ["curate", "--data", str(tmp_path), "--ray-address", "auto"])
     assert r.exit_code == 2 and "--ray-address needs --engine ray" in r.output
+
+
+def test_driver_sigkill_mid_run_leaves_the_previous_curated_whole(cluster, planted):
+    """The driver is killed while its blocks run on the cluster: curated/ is still the previous run's, whole and
+    verified (the new output is staged beside it and swapped in only when complete); the next run succeeds."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ws, ev = planted
+    run_curation(ws.root, CurationConfig.build(CFG), show_progress=False)
+    before = _outputs(ws)
+    cmd = [str(Path(sys.executable).parent / "cocoa-data"), "curate", "--data", str(ws.root), "--no-progress",
+           "--image-max-pixels", "200000", "--near-threshold", "0.5", "--eval-data", str(ev), "--engine", "ray",
+           "--ray-address", cluster, "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    killed = False
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if ray.available_resources().get("CPU", 4.0) < 3.99:  # the driver's tasks hold CPU on the cluster
+            os.kill(proc.pid, signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    assert killed, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    assert _outputs(ws) == before  # the previous output, whole (open_dataset verifies every shard)
+    res = run_curation_ray(ws.root, CurationConfig.build({**CFG, "near": {"threshold": 0.5}}), eval_data=ev,
+                           show_progress=False, workers=2)
+    assert res.report["config"]["near"]["threshold"] == 0.5
+    assert not list(ws.root.glob(".curated.*"))  # the killed run's staging directory is gone

@@ -351,6 +351,19 @@ class _Run:
         self.steps: list[Any] = []
         self.imgh = np.zeros(n, dtype=np.uint64)  # per row: a hash of the image key, and the image's pHash
         self.phash = np.zeros(n, dtype=np.uint64)
+        self.kind_names: list[str] = []  # per row: the kind as a code into kind_names
+        self.kind_code = np.zeros(n, dtype=np.int32)
+
+    def set_kinds(self, rows: np.ndarray, col: Any) -> None:
+        enc = col.combine_chunks().dictionary_encode()
+        for k in enc.dictionary.to_pylist():
+            if k not in self.kind_names:
+                self.kind_names.append(k)
+        m = np.array([self.kind_names.index(k) for k in enc.dictionary.to_pylist()], dtype=np.int32)
+        self.kind_code[rows] = m[enc.indices.to_numpy(zero_copy_only=False)]
+
+    def of_kinds(self, kinds: list[str]) -> np.ndarray:
+        return np.isin(self.kind_code, [i for i, k in enumerate(self.kind_names) if k in kinds])
 
     def mark(self, hits: dict[int, str], name: str) -> None:
         for r, d in hits.items():
@@ -417,7 +430,7 @@ def _near(run: _Run) -> dict[int, str]:
     from .dedup import first_of_groups, pair_jaccard
 
     c = run.cfg.near
-    n_sel = int(np.isin(run.kinds[run.reason == None], list(c.kinds)).sum())  # noqa: E711
+    n_sel = int((run.of_kinds(list(c.kinds)) & (run.reason == None)).sum())  # noqa: E711
     if n_sel < 2:  # as the Polars path: no statistics then
         return {}
     ds = run.alive(["_row", "kind", "_bands"], kinds=list(c.kinds))
@@ -512,6 +525,9 @@ def _run(ws: Workspace, cfg: CurationConfig, eval_data: Any, show_progress: bool
     from .rules import STEPS
     from .rules.contamination import decontaminate_original
 
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     pl = _pl()
     check_steps(STEPS)
     ray = _import_ray()
@@ -566,21 +582,22 @@ def _run(ws: Workspace, cfg: CurationConfig, eval_data: Any, show_progress: bool
             run = _Run(ray, feats, n, cfg, workers, parts)
             run.steps = [s for s in STEPS if s.enabled(cfg)]
             rowwise: dict[str, dict[int, str]] = {k: {} for k in ROWWISE}
-            kinds = run.kinds = np.full(n, "", dtype=object)
             cols = ["_row", "kind", "_imgh", "img_phash", REASON, DETAIL, *("_g_" + k for k in ROWWISE)]
             for b in feats.select_columns(cols).iter_batches(batch_format="pyarrow", batch_size=None):
                 rows = b.column("_row").to_numpy()
-                kinds[rows] = b.column("kind").to_pylist()
+                run.set_kinds(rows, b.column("kind"))
                 run.imgh[rows] = b.column("_imgh").to_numpy()
                 run.phash[rows] = b.column("img_phash").to_numpy()
-                rs, ds_ = b.column(REASON).to_pylist(), b.column(DETAIL).to_pylist()
-                for r, reason, det in zip(rows.tolist(), rs, ds_):
-                    if reason is not None:
-                        run.reason[r], run.detail[r] = reason, det
-                for k in ROWWISE:
-                    for r, d in zip(rows.tolist(), b.column("_g_" + k).to_pylist()):
-                        if d is not None:
-                            rowwise[k][r] = d
+                for col, dest in ((REASON, None), *(("_g_" + k, rowwise[k]) for k in ROWWISE)):
+                    j = np.flatnonzero(pc.is_valid(b.column(col)).to_numpy(zero_copy_only=False))
+                    if not len(j):
+                        continue
+                    vals = b.column(col).take(pa.array(j)).to_pylist()
+                    if dest is None:  # a per-row rule failed (the block pass applied them in order)
+                        run.reason[rows[j]] = vals
+                        run.detail[rows[j]] = b.column(DETAIL).take(pa.array(j)).to_pylist()
+                    else:
+                        dest.update(zip(rows[j].tolist(), vals))
             timings["blocks (ray)"] = round(time.perf_counter() - t0, 3)
             progress.advance(task)
             for step in STEPS:  # the rules that compare rows, in order, each after the ones before it
@@ -628,7 +645,7 @@ def _run(ws: Workspace, cfg: CurationConfig, eval_data: Any, show_progress: bool
         r = ex.column("_row").to_numpy()
         ids[r] = ex.column("id").to_pylist()
         texts[r] = ex.column("text").to_pylist()
-    df = pl.DataFrame({"id": pl.Series(ids.tolist(), dtype=pl.String), "kind": pl.Series(kinds.tolist(), dtype=pl.String),
+    df = pl.DataFrame({"id": pl.Series(ids.tolist(), dtype=pl.String), "kind": pl.Series(run.kind_names, dtype=pl.String).gather(run.kind_code),
                        "text": pl.Series(texts.tolist(), dtype=pl.String),
                        REASON: pl.Series(run.reason.tolist(), dtype=pl.String),
                        DETAIL: pl.Series(run.detail.tolist(), dtype=pl.String)})

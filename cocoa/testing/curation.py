@@ -87,8 +87,10 @@ def planted_workspace(root, n_images: int = 80, shard_rows: int = 64):  # type: 
 
     from PIL import Image
 
-    from ..records import EvalRecord, ImageRef
-    from ..shards import ImageStore, Workspace, write_records
+    import pyarrow as pa
+
+    from ..records import EvalRecord, ImageRef, schema_for, to_row
+    from ..shards import ImageStore, ShardWriter, Workspace, write_records
 
     root = Path(root)
     ws = Workspace(root / "shards")
@@ -130,7 +132,14 @@ def planted_workspace(root, n_images: int = 80, shard_rows: int = 64):  # type: 
         out.extend(recs[j * step:(j + 1) * step])
         out.append(r)
     out.extend(recs[len(late) * step:])
-    write_records(ws.synthetic, "SynthRecord", out, max_rows=shard_rows)
+    # rows that fit the Arrow schema but are not valid SynthRecords (invalid_record), written without validation
+    rows = [to_row(r) for r in out]
+    good = to_row(caption("inv", unique_sentence(5005, 16), imgs[7]))
+    for j, (k, v) in enumerate([("kind", "summary"), ("meta", "{not json"), ("meta", "[1, 2]"),
+                                ("image", {"bytes": None, "path": "../../etc/passwd"})]):
+        rows.insert(37 * (j + 1), {**good, k: v, "id": f"invalid-{j}", "key": f"invalid/{j}"})
+    with ShardWriter(ws.synthetic, "SynthRecord", max_rows=shard_rows) as w:
+        w.write_table(pa.Table.from_pylist(rows, schema=schema_for("SynthRecord")))
     write_records(ws.original, "PairRecord", [
         pair("toy", qry_image=ImageRef(bytes=noise_png(777)), pos_text="a photo"),
         pair("toy", qry_text="find: " + PLANTED_EVAL_TEXT, pos_image=noise_image(5)),
