@@ -17,24 +17,26 @@ final decisions with the Polars path's own functions.
    materialised: it is the barrier before the rules that compare rows.
 2. **Rules that compare rows**, one at a time in ``STEPS`` order, each over the rows alive after the rules
    before it (the driver's bitmap of rejected rows, broadcast per step):
-   ``exact_dup_image`` / ``exact_dup_global``: a shuffle by a hash of the key into partitions; inside a
-   partition each key's lowest row index is kept (the Polars path keeps the earliest row in input order).
+   ``exact_dup_image`` and ``exact_dup_global``: one shuffle by the text digest (both keys contain it) into
+   partitions; inside a partition each key's lowest row index is kept (the Polars path keeps the earliest row
+   in input order), ``exact_dup_global`` over the partition's rows that ``exact_dup_image`` left alive.
    ``near_dup``: rows are exploded to (band, band key) and shuffled by it; each bucket yields its candidate
    pairs with :func:`~cocoa.curation.dedup.bucket_pairs` (all pairs, or a star around the lowest row in
    buckets above ``near.max_bucket_pairs``); the driver verifies the pairs with the exact shingle Jaccard
    (:func:`~cocoa.curation.dedup.pair_jaccard`, shingles fetched for the candidate rows only) and keeps the
-   lowest row of each connected component. ``image_near_dup``: a shuffle by image key gives each distinct
-   image's first alive row and pHash; the driver clusters them with
-   :func:`~cocoa.curation.images.phash_clusters`. ``decontam_*``: the per-row matches of step 1, applied to
-   the rows still alive.
+   lowest row of each connected component. ``image_near_dup``: on the driver, from the per-row image-key hash
+   and pHash the block pass returned (each distinct image's first alive row, then
+   :func:`~cocoa.curation.images.phash_clusters`). ``decontam_*``: the per-row matches of step 1, applied
+   to the rows still alive.
 3. **Output**: the driver writes ``curated/`` and ``curated/rejected/`` from the memory-mapped shards in row
    order, in the Polars path's shard sizes, through the same staged directory (nothing half-written is ever
    in place), with the same provenance and a ``report.json`` built by the same function.
 
 Exact equality with the Polars path rests on every per-row feature being a function of the row alone and on
-each shuffle grouping by the Polars path's own key. One difference is by design and astronomically rare: the
-Polars path flags LSH candidates with rensa's band index and then groups the flagged rows by the 64-bit band
-key; here rows are grouped by that key directly (two different bands colliding in 64 bits, ~2^-64 per pair).
+each shuffle grouping by the Polars path's own key. Two differences are by design and astronomically rare:
+the Polars path flags LSH candidates with rensa's band index and then groups the flagged rows by the 64-bit
+band key, here rows are grouped by that key directly; and ``image_near_dup`` tells images apart by a 64-bit
+hash of their key, the Polars path by the key itself (each ~2^-64 per pair of rows or images).
 """
 
 from __future__ import annotations
