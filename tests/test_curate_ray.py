@@ -2,7 +2,8 @@
 same curated/ and curated/rejected/ rows as the Polars path (the same shards holding the same rows in the same
 order: ids, contents, reasons, details) and the same report counts, on a workspace with planted exact and near
 duplicates, a pHash near-duplicate image, contaminated and schema-invalid rows, images both embedded and in the
-workspace's image store; a driver SIGKILLed mid-run leaves the previous curated/ whole."""
+workspace's image store, with a Ray worker SIGKILLed mid-block; a driver SIGKILLed mid-run leaves the previous
+curated/ whole."""
 
 import json
 from pathlib import Path
@@ -59,12 +60,41 @@ def _outputs(ws) -> dict:  # type: ignore[no-untyped-def]
     }
 
 
-def test_ray_equals_polars_on_planted_workspace(cluster, planted):
+def _kill_a_block_worker(killed: list) -> None:
+    """SIGKILL the first Ray worker of this test's cluster seen running a block of the block pass."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        for p in psutil.Process().children(recursive=True):  # the local cluster's processes are ours
+            try:
+                if "MapBatches(_features)" in " ".join(p.cmdline()):
+                    os.kill(p.pid, signal.SIGKILL)
+                    killed.append(p.pid)
+                    return
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        time.sleep(0.01)
+
+
+def test_ray_equals_polars_on_planted_workspace_with_a_worker_killed(cluster, planted):
+    """... while a Ray worker running a block is SIGKILLed (Ray runs its task again: same rows)."""
+    import threading
+
     ws, ev = planted
     cfg = CurationConfig.build(CFG)
     run_curation(ws.root, cfg, eval_data=ev, show_progress=False)
     want = _outputs(ws)
+    killed: list = []
+    killer = threading.Thread(target=_kill_a_block_worker, args=(killed,))
+    killer.start()
     got_res = run_curation_ray(ws.root, cfg, eval_data=ev, show_progress=False, workers=2, block_rows=50)
+    killer.join()
+    assert killed, "no block worker was seen to kill"
     got = _outputs(ws)  # the Ray run replaced the Polars run's curated/ through the same staged swap
     reasons = {r for _, r, _ in want["reasons"]}
     # the planted rows are there to be found (so that equality means something)
