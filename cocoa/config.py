@@ -170,7 +170,11 @@ def _parse_cli_value(tp: Any, value: Any) -> Any:
     if origin in (list, tuple) and isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
     if origin is dict and isinstance(value, str):
-        return yaml.safe_load(value)
+        try:
+            return yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{value!r} is not a YAML/JSON mapping ({' '.join(str(e).split())[:200]}); "
+                              "give e.g. '{key: value}'") from None
     if get_origin(tp) is Literal:
         for a in get_args(tp):
             if str(a) == value:
@@ -195,7 +199,10 @@ def config_options(cls: type[Config], skip: tuple[str, ...] = ()):  # type: igno
                 d = overrides
                 for p in path[:-1]:
                     d = d.setdefault(p, {})
-                d[path[-1]] = _parse_cli_value(tp, value)
+                try:
+                    d[path[-1]] = _parse_cli_value(tp, value)
+                except ConfigError as e:
+                    raise ConfigError(f"--{'-'.join(p.replace('_', '-') for p in path)}: {e.message}") from None
             if cfg_file:
                 config = cls.from_yaml(cfg_file, overrides)
             else:

@@ -1,4 +1,5 @@
-"""Teacher backends: scenes (from scene graphs), vLLM request building (+ GPU integration), transformers."""
+"""Teacher backends: scenes (from scene graphs), vLLM request building (+ GPU integration), transformers.
+The vLLM engine itself runs for real in tests/test_vllm_real.py."""
 
 import base64
 import importlib.util
@@ -138,6 +139,148 @@ def test_vllm_engine_kwargs():
     assert "mm_processor_kwargs" not in vb.engine_kwargs("m") and "revision" not in vb.engine_kwargs("m")
 
 
+def test_vllm_engine_kwargs_pass_through_any_llm_keyword():
+    kw = vb.engine_kwargs("m", max_model_len=4096, min_pixels=3136, max_pixels=12544,
+                          structured_outputs_config=vb.STRUCTURED_OUTPUTS_CONFIG,
+                          extra={"data_parallel_size": 2, "tensor_parallel_size": 4, "enable_prefix_caching": True,
+                                 "structured_outputs_config": {"backend": "xgrammar"},
+                                 "limit_mm_per_prompt": {"image": 2}, "mm_processor_kwargs": {"fps": 1}})
+    assert kw["data_parallel_size"] == 2 and kw["tensor_parallel_size"] == 4 and kw["enable_prefix_caching"] is True
+    # mapping-valued keywords merge key by key: the user's keys win, cocoa's others stay
+    assert kw["structured_outputs_config"] == {"backend": "xgrammar", "disable_any_whitespace": True}
+    assert kw["limit_mm_per_prompt"] == {"image": 2}
+    assert kw["mm_processor_kwargs"] == {"min_pixels": 3136, "max_pixels": 12544, "fps": 1}
+    assert kw["max_model_len"] == 4096 and kw["model"] == "m"
+    assert "structured_outputs_config" not in vb.engine_kwargs("m")  # None: vLLM's own default
+
+
+@pytest.mark.parametrize("extra, says", [
+    ({"model": "x"}, "use --model"), ({"seed": 1}, "use --seed"), ({"revision": "r"}, "use --revision"),
+    ({"mm_processor_kwargs": {"max_pixels": 5}}, "--min-pixels / --max-pixels"),
+    ({"mm_processor_kwargs": {"size": {}}}, "--min-pixels / --max-pixels"),
+    ({"limit_mm_per_prompt": {"image": 0}}, "limit_mm_per_prompt.image"),
+    ({"structured_outputs_config": "guidance"}, "must be a mapping"), ({"1a": 1}, "not a keyword name"),
+    ([1, 2], "mapping of vllm.LLM keywords"),
+])
+def test_vllm_engine_kwargs_refused_in_one_line(extra, says):
+    assert says in vb.engine_kwargs_problem(extra)
+    with pytest.raises(TeacherError, match="--vllm-engine-kwargs"):
+        vb.engine_kwargs("m", extra=extra)
+
+
+def test_vllm_engine_kwargs_from_flags_and_yaml(tmp_path):
+    from click.testing import CliRunner
+
+    from cocoa.cli.data import cli
+    from cocoa.datagen.synth import SynthConfig
+
+    cfg = tmp_path / "synth.yaml"
+    cfg.write_text("vllm:\n  engine_kwargs:\n    data_parallel_size: 2\n    structured_outputs_config: {backend: xgrammar}\n")
+    assert SynthConfig.from_yaml(cfg).vllm.engine_kwargs == {"data_parallel_size": 2,
+                                                             "structured_outputs_config": {"backend": "xgrammar"}}
+    runner = CliRunner()
+    for flag, says in [("{a: ", "--vllm-engine-kwargs: '{a: ' is not a YAML/JSON mapping"),
+                       ("{model: x}", "model is set by cocoa"), ("[1]", "valid dictionary")]:
+        r = runner.invoke(cli, ["synth", "--source", "mmeb", "--backend", "vllm", "--model", "m", "--out",
+                                 str(tmp_path / "o"), "--vllm-engine-kwargs", flag])
+        assert r.exit_code == 2 and says in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_vllm_unknown_engine_keyword_names_close_matches():
+    @dataclass
+    class EngineArgs:
+        enable_prefix_caching: bool = False
+        max_model_len: int = 0
+
+    class LLM:
+        def __init__(self, model, *, seed=0, **kwargs):
+            pass
+
+    known = vb.engine_keywords(LLM, EngineArgs)
+    assert known == {"model", "seed", "enable_prefix_caching", "max_model_len"}
+    assert vb.unknown_keywords({"model": "m", "max_model_len": 1}, known) is None
+    msg = vb.unknown_keywords({"model": "m", "enable_prefix_cachin": True}, known)
+    assert "'enable_prefix_cachin'" in msg and "did you mean enable_prefix_caching" in msg
+
+
+def test_vllm_schemas_close_every_object(pairs):
+    from cocoa.datagen.schemas import close_objects
+
+    open_schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "string"}}},
+                                                    "c": {"type": "array", "items": {"properties": {}}},
+                                                    "d": {"anyOf": [{"type": ["object", "null"]}, {"type": "string"}]}},
+                   "$defs": {"X": {"type": "object", "additionalProperties": True}},
+                   "additionalProperties": {"type": "string"}}  # a schema for extra keys is the user's choice
+    closed = close_objects(open_schema)
+    assert closed["properties"]["a"]["additionalProperties"] is False
+    assert closed["properties"]["c"]["items"]["additionalProperties"] is False
+    assert closed["properties"]["d"]["anyOf"][0]["additionalProperties"] is False
+    assert "additionalProperties" not in closed["properties"]["d"]["anyOf"][1]
+    assert closed["$defs"]["X"]["additionalProperties"] is False
+    assert closed["additionalProperties"] == {"type": "string"} and "additionalProperties" not in open_schema["properties"]["a"]
+    # the request's schema reaches the engine closed, whatever the caller built
+    r = _req(next(p for p in pairs if p.qry_image is not None))
+    r.schema = open_schema
+    kw = vb.sampling_kwargs(r, ("structured_outputs", _StructuredOutputsParams))
+    assert kw["structured_outputs"].json == closed
+    for task, k in [("caption", 3), ("qa", 1), ("qa", 5)]:  # cocoa's own are closed already
+        assert close_objects(json_schema(task, k)) == json_schema(task, k)
+
+
+def test_schema_text_bounds_are_max_length_and_validated():
+    from cocoa.datagen.schemas import OutputError, schema_hash
+
+    s = json_schema("caption", caption_chars=48)
+    assert s["properties"]["caption"]["maxLength"] == 48 and s["title"] == "CaptionOutput"
+    q = json_schema("qa", 1, qa_chars=32)
+    assert q["$defs"]["QAPair"]["properties"]["answer"]["maxLength"] == 32 and q["properties"]["qa"]["maxItems"] == 1
+    assert schema_hash("caption", caption_chars=48) != schema_hash("caption")
+    assert parse_output("caption", '{"caption": "a  red cube"}', caption_chars=48).caption == "a red cube"
+    with pytest.raises(OutputError, match="at most 48"):
+        parse_output("caption", json.dumps({"caption": "x" * 49}), caption_chars=48)
+    with pytest.raises(OutputError, match="answer is empty"):
+        parse_output("qa", '{"qa": [{"question": "q", "answer": "  "}]}', 1, qa_chars=32)
+    assert len(parse_output("caption", json.dumps({"caption": "y" * 5000}), caption_chars=6000).caption) == 5000
+
+
+def test_output_cut_off_by_max_tokens_is_quarantined_as_truncated(tmp_path):
+    from cocoa.datagen.synth import SynthConfig, run_synth
+    from cocoa.datagen.teachers.base import Teacher, TeacherResult
+    from cocoa.shards import open_dataset
+
+    class CutOff(Teacher):
+        backend, model = "mine", "cut-off"
+
+        def generate(self, requests):
+            return [TeacherResult(r.key, '{"caption": "a red cu', prompt_tokens=10, completion_tokens=5,
+                                  finish_reason="length") for r in requests]
+
+    s = run_synth(SynthConfig(source="scenes", scenes_n=3, out=str(tmp_path / "o"), tasks=["caption"],
+                              max_tokens=5, progress=False), teacher=CutOff())
+    assert s.reasons and set(s.reasons) == {"truncated"} and s.generate_seconds > 0
+    q = list(open_dataset(tmp_path / "o" / "synthetic" / "quarantine"))
+    assert q and all("--max-tokens 5" in r.detail and "invalid_json" in r.detail for r in q)
+    assert s.as_dict()["generated_tokens_per_s"] > 0 and s.as_dict()["prompt_tokens_per_s"] > 0
+
+
+def test_vllm_generate_mode_uses_the_model_chat_layout(tiny_model_dir, pairs):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    before, after = vb.prompt_layout(tok)
+    assert before.count("<|image_pad|>") == 1 and "system" not in before  # the tiny template has no system turn
+    assert after.endswith("<|im_start|>assistant\n")
+
+    class NoTemplate:
+        def apply_chat_template(self, *a, **k):
+            raise ValueError("no chat template")
+
+    assert vb.prompt_layout(NoTemplate()) == tuple(vb.QWEN_VL_PROMPT.split("{prompt}"))
+    r = _req(next(p for p in pairs if p.qry_image is not None), prompt="Say {x}.")  # braces are text
+    assert vb.generate_prompt(r, "PIL", (before, after))["prompt"] == before + "Say {x}." + after
+
+
 def test_vllm_chat_and_generate_inputs(pairs):
     p = next(p for p in pairs if p.qry_image is not None)
     r = _req(p, prompt="Write a caption.")
@@ -168,7 +311,7 @@ def test_data_url_reencodes_unusual_formats():
 
 @pytest.mark.skipif(HAS_VLLM, reason="checks the error shown where vLLM is not installed")
 def test_vllm_backend_missing_names_alternatives():
-    with pytest.raises(TeacherError, match="--backend openai.*--backend transformers"):
+    with pytest.raises(TeacherError, match="make vllm-venv.*--backend openai.*--backend transformers"):
         vb.VllmTeacher("m")
 
 

@@ -97,7 +97,10 @@ def _print_summary(con: Any, s: Any) -> None:
         ("ok", s.ok), ("retried", s.retried), ("quarantined", s.quarantined),
         ("records written", ", ".join(f"{k} {v}" for k, v in sorted(s.records.items())) or "0"),
         ("quarantine reasons", ", ".join(f"{k} {v}" for k, v in sorted(s.reasons.items())) or "-"),
-        ("images/s", f"{s.images / dt:.2f}"), ("tokens/s (generated)", f"{s.completion_tokens / dt:.0f}"),
+        ("tokens (prompt / generated)", f"{s.prompt_tokens} / {s.completion_tokens}"),
+        ("images/s", f"{s.images / dt:.2f}"),
+        ("tokens/s generated (in the teacher / wall)",
+         f"{s.throughput()['generated_tokens_per_s']:.0f} / {s.completion_tokens / dt:.0f}"),
         ("wall time", f"{s.seconds:.1f} s"),
         ("dataset complete", "yes" if s.complete else "no (other workers still running?)"),
     ]

@@ -2,7 +2,11 @@
 
 Each task has a pydantic model; its JSON schema drives structured decoding where a backend supports it
 (vLLM ``StructuredOutputsParams`` / ``GuidedDecodingParams``, OpenAI ``response_format``), and every raw
-output is validated against it with :func:`parse_output`, whatever the backend. Invalid output is never
+output is validated against it with :func:`parse_output`, whatever the backend. Every object in a schema is
+closed (``additionalProperties: false``, :func:`close_objects`): with an open object a grammar-constrained
+model may keep adding keys until it runs out of tokens. The text bounds (``caption_chars``, ``qa_chars``)
+are ``maxLength`` in the schema, so a grammar closes each string in time; the defaults are
+:data:`MAX_CAPTION_CHARS` and :data:`MAX_QA_CHARS`. Invalid output is never
 repaired silently: :class:`OutputError` carries a short machine-readable ``reason`` (``empty``,
 ``invalid_json``, ``schema``) and the detail; the orchestrator retries with a new seed and finally
 quarantines the raw text.
@@ -84,39 +88,97 @@ class _QABase(BaseModel):
         return v
 
 
+def _check_chars(name: str, v: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a whole number >= 1 (got {v!r})")
+
+
+def _cleaner(limit: int, *fields: str) -> Any:
+    def clean(cls: Any, v: str, info: Any) -> str:
+        return _clean(v, info.field_name, limit)
+
+    return field_validator(*fields)(classmethod(clean))
+
+
 @lru_cache(maxsize=64)
-def qa_model(k: int) -> type[BaseModel]:
-    """The QA output model for up to ``k`` pairs (at least one): ``{"qa": [{question, answer}, ...]}``."""
-    if k < 1:
-        raise ValueError(f"qa_per_image must be >= 1 (got {k})")
+def caption_model(caption_chars: int = MAX_CAPTION_CHARS) -> type[BaseModel]:
+    """The caption output model with captions of at most ``caption_chars`` characters."""
+    _check_chars("caption_chars", caption_chars)
+    if caption_chars == MAX_CAPTION_CHARS:
+        return CaptionOutput
     return create_model(
-        f"QAOutput{k}",
-        __base__=_QABase,
-        qa=(list[QAPair], Field(min_length=1, max_length=k, description=f"1 to {k} question-answer pairs grounded in the image.")),
+        "CaptionOutput", __doc__=CaptionOutput.__doc__, __config__=ConfigDict(extra="forbid"),
+        __validators__={"_v": _cleaner(caption_chars, "caption")},
+        caption=(str, Field(min_length=1, max_length=caption_chars,
+                            description="A detailed, factual description of the image.")),
     )
 
 
-def output_model(task: str, k: int = 3) -> type[BaseModel]:
+@lru_cache(maxsize=64)
+def qa_pair_model(qa_chars: int = MAX_QA_CHARS) -> type[BaseModel]:
+    """One question-answer pair, each text at most ``qa_chars`` characters."""
+    _check_chars("qa_chars", qa_chars)
+    if qa_chars == MAX_QA_CHARS:
+        return QAPair
+    return create_model(
+        "QAPair", __config__=ConfigDict(extra="forbid"), __validators__={"_v": _cleaner(qa_chars, "question", "answer")},
+        question=(str, Field(min_length=1, max_length=qa_chars)), answer=(str, Field(min_length=1, max_length=qa_chars)),
+    )
+
+
+@lru_cache(maxsize=64)
+def qa_model(k: int, qa_chars: int = MAX_QA_CHARS) -> type[BaseModel]:
+    """The QA output model for up to ``k`` pairs (at least one): ``{"qa": [{question, answer}, ...]}``."""
+    if k < 1:
+        raise ValueError(f"qa_per_image must be >= 1 (got {k})")
+    pair = qa_pair_model(qa_chars)
+    return create_model(
+        f"QAOutput{k}",
+        __base__=_QABase,
+        qa=(list[pair], Field(min_length=1, max_length=k, description=f"1 to {k} question-answer pairs grounded in the image.")),  # type: ignore[valid-type]
+    )
+
+
+def output_model(task: str, k: int = 3, *, caption_chars: int = MAX_CAPTION_CHARS,
+                 qa_chars: int = MAX_QA_CHARS) -> type[BaseModel]:
     if task == "caption":
-        return CaptionOutput
+        return caption_model(caption_chars)
     if task == "qa":
-        return qa_model(k)
+        return qa_model(k, qa_chars)
     raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
 
 
-def json_schema(task: str, k: int = 3) -> dict[str, Any]:
+def close_objects(schema: Any) -> Any:
+    """A copy of a JSON schema in which every object is closed: ``additionalProperties: false`` wherever an
+    object is described (``type: object`` or ``properties``) and the key is absent or ``true``, at any depth
+    (``$defs``, ``items``, ``anyOf``, ...). A structured decoder then cannot add keys the schema does not name."""
+    if isinstance(schema, list):
+        return [close_objects(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: close_objects(v) for k, v in schema.items()}
+    t = out.get("type")
+    is_object = t == "object" or (isinstance(t, list) and "object" in t) or isinstance(out.get("properties"), dict)
+    if is_object and out.get("additionalProperties", True) is True:
+        out["additionalProperties"] = False
+    return out
+
+
+def json_schema(task: str, k: int = 3, *, caption_chars: int = MAX_CAPTION_CHARS,
+                qa_chars: int = MAX_QA_CHARS) -> dict[str, Any]:
     """The JSON schema for structured decoding (``additionalProperties: false`` everywhere)."""
-    return output_model(task, k).model_json_schema()
+    return close_objects(output_model(task, k, caption_chars=caption_chars, qa_chars=qa_chars).model_json_schema())
 
 
-def schema_hash(task: str, k: int = 3) -> str:
-    return digest(canonical_json(json_schema(task, k)))[:16]
+def schema_hash(task: str, k: int = 3, *, caption_chars: int = MAX_CAPTION_CHARS, qa_chars: int = MAX_QA_CHARS) -> str:
+    return digest(canonical_json(json_schema(task, k, caption_chars=caption_chars, qa_chars=qa_chars)))[:16]
 
 
 _FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.S)
 
 
-def parse_output(task: str, raw: str, k: int = 3) -> BaseModel:
+def parse_output(task: str, raw: str, k: int = 3, *, caption_chars: int = MAX_CAPTION_CHARS,
+                 qa_chars: int = MAX_QA_CHARS) -> BaseModel:
     """Validate raw teacher text as the task's output; raises :class:`OutputError` with a reason.
 
     A single surrounding Markdown code fence (```json ... ```) is tolerated, as chat models often add
@@ -137,7 +199,7 @@ def parse_output(task: str, raw: str, k: int = 3) -> BaseModel:
     except ValueError as e:  # e.g. an integer longer than Python's int max str digits
         raise OutputError("invalid_json", f"not usable JSON ({str(e)[:200]})") from None
     try:
-        return output_model(task, k).model_validate(data)
+        return output_model(task, k, caption_chars=caption_chars, qa_chars=qa_chars).model_validate(data)
     except RecursionError:
         raise OutputError("schema", "output: nested too deeply to validate") from None
     except ValidationError as e:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ...config import Config, ConfigError
+from ..schemas import MAX_CAPTION_CHARS, MAX_QA_CHARS
 from ..teachers.base import Sampling
 
 WRITER = "cocoa-data synth"  # the writer named in the provenance of every dataset this command writes
@@ -33,7 +34,24 @@ class VllmOptions(Config):
     dtype: str = Field("auto", description="Model dtype (auto, bfloat16, float16)")
     mode: Literal["chat", "generate"] = Field(
         "chat", description="chat: LLM.chat with the model's chat template; generate: Qwen-VL prompt + multi_modal_data")
-    enforce_eager: bool = Field(False, description="Disable CUDA graphs (slower, less memory)")
+    enforce_eager: bool = Field(False, description="Disable CUDA graphs / torch.compile (slower on a GPU, less memory; "
+                                "on a CPU it saves ~20 s of engine start)")
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Any other vllm.LLM(...) keyword, as a YAML/JSON mapping, e.g. '{data_parallel_size: 2, "
+        "structured_outputs_config: {backend: xgrammar}, limit_mm_per_prompt: {image: 1}}'; its keys win over the "
+        "--vllm-* fields (not model, revision, seed or the pixel limits: --model, --revision, --seed, --min-pixels, "
+        "--max-pixels)")
+
+    @field_validator("engine_kwargs")
+    @classmethod
+    def _v_engine_kwargs(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from ..teachers.vllm import engine_kwargs_problem
+
+        problem = engine_kwargs_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
 
 class SynthConfig(Config):
@@ -56,6 +74,10 @@ class SynthConfig(Config):
     tasks: list[Literal["caption", "qa"]] = Field(default_factory=lambda: ["caption", "qa"],
                                                  description="What to synthesise per image")
     qa_per_image: int = Field(3, ge=1, le=20, description="QA pairs asked for per image (k)")
+    caption_chars: int = Field(MAX_CAPTION_CHARS, ge=8, le=100_000, description="Most characters in a caption (the "
+                               "schema's maxLength: a structured decoder closes the string there; part of the keys)")
+    qa_chars: int = Field(MAX_QA_CHARS, ge=4, le=100_000, description="Most characters in a question or an answer "
+                          "(the schema's maxLength; part of the keys)")
     prompts: str | None = Field(None, description="Directory of *.j2 templates that add to / override the built-ins")
     # teacher
     backend: Literal["auto", "scenes", "vllm", "openai", "transformers"] = Field(
@@ -70,7 +92,8 @@ class SynthConfig(Config):
     http_retries: int = Field(5, ge=0, description="Retries of a request on HTTP 429/5xx/timeouts (backoff)")
     structured: Literal["auto", "json_schema", "vllm", "none"] = Field(
         "auto", description="openai backend: how to ask for schema-constrained output (auto: response_format "
-        "json_schema; vllm: vLLM's structured_outputs extra body too; none: rely on validation)")
+        "json_schema; vllm: vLLM's structured_outputs extra body too; none: rely on validation). vllm backend: "
+        "none turns structured outputs off, anything else keeps them on")
     max_retries: int | None = Field(None, ge=0, description="Retries (new seed) of output that fails validation, then "
                                     "quarantine (default per backend: 2; transformers 1)")
     max_unavailable: int = Field(16, ge=1, description="Stop after this many requests in a row fail to be served")
@@ -85,7 +108,8 @@ class SynthConfig(Config):
                                    "unset; transformers: the model's processor default)")
     device: str = Field("auto", description="transformers backend: cpu, cuda, cuda:1 or auto")
     dtype: str = Field("auto", description="transformers backend: float32, bfloat16, float16 or auto")
-    batch_size: int | None = Field(None, ge=1, description="Requests per generate call (backend default if unset)")
+    batch_size: int | None = Field(None, ge=1, description="Requests per generate call (backend default if unset; "
+                                   "vllm: 256, the most requests in the engine at once)")
     vllm: VllmOptions = Field(default_factory=VllmOptions)
     # work split and durability
     shard_index: int = Field(0, ge=0, description="This worker's index (0..num_shards-1)")

@@ -58,8 +58,9 @@ class Synthesizer:
         self.params = {**self.sampling.as_dict(), **config.key_options(self.backend)}
         self.params_hash = digest(canonical_json(self.params))[:16]
         self.k = config.qa_per_image
-        self.schemas = {t: json_schema(t, self.k) for t in config.tasks}
-        self.schema_hashes = {t: schema_hash(t, self.k) for t in config.tasks}
+        self.limits = {"caption_chars": config.caption_chars, "qa_chars": config.qa_chars}  # the schemas' maxLength
+        self.schemas = {t: json_schema(t, self.k, **self.limits) for t in config.tasks}
+        self.schema_hashes = {t: schema_hash(t, self.k, **self.limits) for t in config.tasks}
         self.schema_text = {t: json.dumps(s, separators=(",", ":")) for t, s in self.schemas.items()}
         # every template this run may select renders now: a bad one fails before any output exists
         self.lib.check(list(config.tasks), k=self.k, schemas=self.schema_text)
@@ -256,7 +257,9 @@ class Synthesizer:
             seed=attempt_seed(cfg.seed, p.key, p.attempt), sampling=self.sampling, attempt=p.attempt, k=self.k,
             context={"meta": p.pair.meta, "role": p.role, "dataset": p.pair.source},
         ) for p in batch]
+        t0 = time.perf_counter()
         results = self.teacher.generate(reqs)
+        self.summary.generate_seconds += time.perf_counter() - t0
         if len(results) != len(reqs):
             raise TeacherError(f"the {self.backend} teacher returned {len(results)} results for {len(reqs)} requests")
         # whatever the teacher (a user's own included): text that cannot be stored as UTF-8 is a rejected
@@ -284,11 +287,15 @@ class Synthesizer:
             self._consecutive_unavailable = 0
             p.raws.append(r.text)
             try:
-                out = parse_output(p.task, r.text, self.k)
+                out = parse_output(p.task, r.text, self.k, **self.limits)
             except OutputError as e:
                 if p.attempt < self.max_retries:
                     p.attempt += 1
                     retry.append(p)
+                elif r.finish_reason == "length":  # cut off by --max-tokens, not malformed by the model
+                    self._finish_quarantine(p, "truncated", f"the output reached --max-tokens "
+                                            f"{self.sampling.max_tokens} before it was complete ({e.reason}: {e.detail}); "
+                                            "raise --max-tokens or lower --caption-chars / --qa-chars", r.text)
                 else:
                     self._finish_quarantine(p, e.reason, e.detail, r.text)
                 continue

@@ -33,6 +33,7 @@ class SynthSummary:
     completion_tokens: int = 0
     images: int = 0
     seconds: float = 0.0
+    generate_seconds: float = 0.0  # time inside the teacher's generate calls (no startup, reading or writing)
     complete: bool = False
     dry_run: bool = False
     examples: list[dict[str, Any]] = field(default_factory=list)
@@ -42,7 +43,18 @@ class SynthSummary:
         d["out"] = str(self.out)
         d["records"], d["reasons"] = dict(self.records), dict(self.reasons)
         d["source_skipped"] = dict(self.source_skipped)
+        d.update(self.throughput())
         return d
+
+    def throughput(self) -> dict[str, float]:
+        """Tokens per second while the teacher generated (prompt tokens read, tokens generated) and over the
+        whole run (wall clock: engine start, reading, validation and writing included)."""
+        gen, wall = max(self.generate_seconds, 1e-9), max(self.seconds, 1e-9)
+        if not self.generate_seconds:
+            return {"generated_tokens_per_s": 0.0, "prompt_tokens_per_s": 0.0, "wall_generated_tokens_per_s": 0.0}
+        return {"generated_tokens_per_s": round(self.completion_tokens / gen, 2),
+                "prompt_tokens_per_s": round(self.prompt_tokens / gen, 2),
+                "wall_generated_tokens_per_s": round(self.completion_tokens / wall, 2)}
 
     @property
     def usable_pairs(self) -> int:

@@ -43,7 +43,7 @@ def build_teacher(config: SynthConfig) -> Teacher:
             batch_size=config.batch_size or 4, min_pixels=config.min_pixels, max_pixels=config.max_pixels,
         )
     if backend == "vllm":
-        from .vllm import VllmTeacher
+        from .vllm import DEFAULT_CHUNK, VllmTeacher
 
         v = config.vllm
         return VllmTeacher(
@@ -51,7 +51,8 @@ def build_teacher(config: SynthConfig) -> Teacher:
             max_model_len=v.max_model_len, gpu_memory_utilization=v.gpu_memory_utilization,
             max_num_seqs=v.max_num_seqs, dtype=v.dtype, mode=v.mode, enforce_eager=v.enforce_eager,
             min_pixels=config.min_pixels, max_pixels=config.key_options()["max_pixels"], seed=config.seed,
-            batch_size=config.batch_size or 512,
+            batch_size=config.batch_size or DEFAULT_CHUNK, structured=config.structured != "none",
+            extra=v.engine_kwargs,
         )
     raise TeacherError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
 

@@ -82,6 +82,9 @@ class TeacherResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     transport_attempts: int = 1
+    #: why generation stopped, where the backend says: ``"stop"`` (the model or grammar ended it) or
+    #: ``"length"`` (it hit ``max_tokens``: output that does not parse is then quarantined as ``truncated``)
+    finish_reason: str | None = None
 
 
 def text_problem(text: str) -> str | None:
