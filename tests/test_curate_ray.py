@@ -127,9 +127,10 @@ def test_cli_engine_ray_equals_polars_with_qa_dedup_and_star_buckets(cluster, pl
         assert got[k] == want[k], k
 
 
-def test_ray_address_needs_engine_ray(tmp_path):
-    r = CliRunner().invoke(cli, ["curate", "--data", str(tmp_path), "--ray-address", "auto"])
-    assert r.exit_code == 2 and "--ray-address needs --engine ray" in r.output
+@pytest.mark.parametrize("flag,value", [("--ray-address", "auto"), ("--workers", "2")])
+def test_ray_flags_need_engine_ray(tmp_path, flag, value):
+    r = CliRunner().invoke(cli, ["curate", "--data", str(tmp_path), flag, value])
+    assert r.exit_code == 2 and f"{flag} needs --engine ray" in r.output
 
 
 def test_driver_sigkill_mid_run_leaves_the_previous_curated_whole(cluster, planted):

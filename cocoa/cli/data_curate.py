@@ -24,8 +24,8 @@ from .common import console
                    "same curated/ and rejected/ rows (docs/curation.md \"Scaling out\").")
 @click.option("--ray-address", default=None,
               help="--engine ray: the cluster to join (default $RAY_ADDRESS, else a local cluster is started).")
-@click.option("--workers", type=click.IntRange(1, 4096), default=4, show_default=True,
-              help="--engine ray: blocks processed at once.")
+@click.option("--workers", type=click.IntRange(1, 4096), default=None,
+              help="--engine ray: blocks processed at once.  [default: 4]")
 @config_options(CurationConfig)
 def curate(data: Path, eval_data: Path | None, progress: bool, engine: str, ray_address: str | None, workers: int,
            config: CurationConfig) -> None:
@@ -46,10 +46,11 @@ def curate(data: Path, eval_data: Path | None, progress: bool, engine: str, ray_
         from ..curation.ray_engine import run_curation_ray
 
         result = run_curation_ray(data, config, eval_data=eval_data, show_progress=progress, console=con,
-                                  address=ray_address, workers=workers)
+                                  address=ray_address, workers=workers or 4)
     else:
-        if ray_address is not None:
-            raise click.UsageError("--ray-address needs --engine ray")
+        for flag, value in (("--ray-address", ray_address), ("--workers", workers)):
+            if value is not None:
+                raise click.UsageError(f"{flag} needs --engine ray")
         result = run_curation(data, config, eval_data=eval_data, show_progress=progress, console=con)
     print_report(result.report, con)
     for warning in result.report.get("warnings", []):

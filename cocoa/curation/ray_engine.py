@@ -122,15 +122,20 @@ def _cfg(cfg_json: dict[str, Any]) -> CurationConfig:
     return _CACHE[k]
 
 
-def _get(box: list[Any] | None) -> Any:
-    """The object behind a boxed ObjectRef (cached per worker process)."""
+def _get(box: list[Any] | None, cache: bool = False) -> Any:
+    """The object behind a boxed ObjectRef; with ``cache``, kept in this worker process for the next block
+    (only the latest such object: a long-lived cluster's workers do not accumulate old runs' eval indexes)."""
+    import ray
+
     if not box:
         return None
     ref = box[0]
+    if not cache:
+        return ray.get(ref)
     k = "ref:" + ref.hex()
     if k not in _CACHE:
-        import ray
-
+        for old in [x for x in _CACHE if x.startswith("ref:")]:
+            del _CACHE[old]
         _CACHE[k] = ray.get(ref)
     return _CACHE[k]
 
@@ -224,7 +229,7 @@ def block_features(file: str, start: int, stop: int, row0: int, cfg: CurationCon
 def _features(batch: Any, cfg_json: dict[str, Any], root: str, eval_box: list[Any] | None) -> Any:
     import pyarrow as pa
 
-    cfg, idx = _cfg(cfg_json), _get(eval_box)
+    cfg, idx = _cfg(cfg_json), _get(eval_box, cache=True)
     tabs = [block_features(it["file"], it["start"], it["stop"], it["row0"], cfg, Path(root), idx)
             for it in batch.to_pylist()]
     return pa.concat_tables(tabs) if len(tabs) > 1 else tabs[0]
