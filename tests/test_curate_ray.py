@@ -107,14 +107,16 @@ def test_ray_equals_polars_on_planted_workspace_with_a_worker_killed(cluster, pl
     assert got_res.report["engine"]["name"] == "ray" and got_res.report["engine"]["blocks"] > 6
 
 
-def test_cli_engine_ray_equals_polars_with_qa_dedup_and_star_buckets(cluster, planted, tmp_path):
+def test_cli_engine_ray_equals_polars_with_qa_dedup_and_star_buckets(cluster, planted, tmp_path, monkeypatch):
     """Other settings through the command line: QA rows in near and global exact dedup, 32 bands of 4
-    permutations (candidate pairs that fail verification), buckets above 2 rows linked as a star."""
+    permutations (candidate pairs that fail verification), buckets above 2 rows linked as a star; --data
+    relative to the working directory (the missing image's detail names it as given)."""
     ws, _ = planted
     conf = tmp_path / "curate.yaml"
     conf.write_text("image: {max_pixels: 200000}\nexact: {global_kinds: [caption, qa]}\n"
                     "near: {kinds: [caption, qa], bands: 32, max_bucket_pairs: 2, threshold: 0.6}\n")
-    base = ["curate", "--data", str(ws.root), "--no-progress", "--config", str(conf)]
+    monkeypatch.chdir(ws.root.parent)
+    base = ["curate", "--data", ws.root.name, "--no-progress", "--config", str(conf)]
     r = CliRunner().invoke(cli, base)
     assert r.exit_code == 0, r.output
     want = _outputs(ws)
@@ -123,6 +125,7 @@ def test_cli_engine_ray_equals_polars_with_qa_dedup_and_star_buckets(cluster, pl
     got = _outputs(ws)
     assert want["report"]["drops"]["exact_dup_global"]["count"] > 9  # the QA repeated across images
     assert want["report"]["near_dup"]["pairs_checked"] > want["report"]["near_dup"]["pairs_linked"]
+    assert any(f"under {ws.root.name}/synthetic)" in d for _, _, d in want["reasons"])
     for k in want:
         assert got[k] == want[k], k
 

@@ -153,8 +153,11 @@ def _list_u64(arrays: list[np.ndarray | None]):  # type: ignore[no-untyped-def]
 
 
 def block_features(file: str, start: int, stop: int, row0: int, cfg: CurationConfig, root: Path,
-                   eval_index: Any) -> Any:
-    """The features, per-row outcome and comparison inputs of rows ``start:stop`` of one shard (Arrow table)."""
+                   eval_index: Any, root_text: str | None = None) -> Any:
+    """The features, per-row outcome and comparison inputs of rows ``start:stop`` of one shard (Arrow table).
+
+    ``root``: the dataset directory, absolute (a worker's working directory is not the driver's);
+    ``root_text``: the same directory as the driver was given it, for the messages that name it."""
     import pyarrow as pa
     from pyarrow import ipc
 
@@ -183,7 +186,11 @@ def block_features(file: str, start: int, stop: int, row0: int, cfg: CurationCon
     keys = image_keys(t.column("image"), images, {}, root)
     df = df.with_columns(pl.Series("_img", keys.tolist(), dtype=pl.String),
                          pl.Series("_imgh", text_digests(keys.tolist())))
-    df = df.join(images.frame(), on="_img", how="left", maintain_order="left")
+    frame = images.frame()
+    if root_text is not None and root_text != str(root):  # "... is missing (referenced as ... under ROOT)"
+        frame = frame.with_columns(pl.col("img_error").str.replace_all(f"under {root}); ", f"under {root_text}); ",
+                                                                      literal=True))
+    df = df.join(frame, on="_img", how="left", maintain_order="left")
     df, words = text_features(df, cfg)
     ctx = Context(cfg=cfg, df=df, words=words, eval_index=eval_index)
     apply_steps(ctx, [s for s in STEPS if s.expr is not None])
@@ -226,11 +233,11 @@ def block_features(file: str, start: int, stop: int, row0: int, cfg: CurationCon
     return base
 
 
-def _features(batch: Any, cfg_json: dict[str, Any], root: str, eval_box: list[Any] | None) -> Any:
+def _features(batch: Any, cfg_json: dict[str, Any], root: str, root_text: str, eval_box: list[Any] | None) -> Any:
     import pyarrow as pa
 
     cfg, idx = _cfg(cfg_json), _get(eval_box, cache=True)
-    tabs = [block_features(it["file"], it["start"], it["stop"], it["row0"], cfg, Path(root), idx)
+    tabs = [block_features(it["file"], it["start"], it["stop"], it["row0"], cfg, Path(root), idx, root_text)
             for it in batch.to_pylist()]
     return pa.concat_tables(tabs) if len(tabs) > 1 else tabs[0]
 
@@ -583,7 +590,7 @@ def _run(ws: Workspace, cfg: CurationConfig, eval_data: Any, show_progress: bool
             eval_box = [ray.put(eval_index)] if eval_index is not None else None
             feats = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
                 _features, batch_size=1, batch_format="pyarrow", num_cpus=0.1, compute=ray.data.TaskPoolStrategy(size=workers),
-                fn_kwargs={"cfg_json": cfg.model_dump(mode="json"), "root": str(ds.path.resolve()),
+                fn_kwargs={"cfg_json": cfg.model_dump(mode="json"), "root": str(ds.path.resolve()), "root_text": str(ds.path),
                            "eval_box": eval_box}).materialize()
             parts = max(2, min(4 * workers, -(-n // 200_000)))
             run = _Run(ray, feats, n, cfg, workers, parts)
