@@ -167,3 +167,25 @@ def test_driver_sigkill_mid_run_leaves_the_previous_curated_whole(cluster, plant
                            show_progress=False, workers=2)
     assert res.report["config"]["near"]["threshold"] == 0.5
     assert not list(ws.root.glob(".curated.*"))  # the killed run's staging directory is gone
+
+
+def test_edges_equal_polars(cluster, tmp_path):
+    """Near-dedup rows without a word (no shingles: no band shuffle to run) and a workspace whose every row fails
+    a per-row rule (nothing left to compare)."""
+    from cocoa.shards import Workspace, write_records
+    from cocoa.testing.curation import caption, noise_image
+
+    cases = {
+        "no_words": ([caption(f"p{i}", "!!! ???", noise_image(i)) for i in range(3)]
+                     + [caption("q", "A red cube sits on the grey floor.", noise_image(9))],
+                     {"text": {"caption_min_words": 0}, "exact": {"enabled": False}}),
+        "all_rejected": ([caption(f"p{i}", "Short one.", noise_image(i)) for i in range(3)], {}),
+    }
+    for name, (recs, conf) in cases.items():
+        ws = Workspace(tmp_path / name)
+        write_records(ws.synthetic, "SynthRecord", recs)
+        cfg = CurationConfig.build(conf)
+        run_curation(ws.root, cfg, show_progress=False)
+        want = _outputs(ws)
+        run_curation_ray(ws.root, cfg, show_progress=False, workers=2)
+        assert _outputs(ws) == want, name

@@ -230,6 +230,7 @@ def block_features(file: str, start: int, stop: int, row0: int, cfg: CurationCon
     for k, v in out.items():
         base = base.append_column(k, v)
     base = base.append_column("_sh", _list_u64(sh_l)).append_column("_bands", _list_u64(bk_l))
+    base = base.append_column("_hasb", pa.array([x is not None for x in bk_l], type=pa.bool_()))
     return base
 
 
@@ -259,10 +260,6 @@ def _alive_rows(batch: Any, dead_box: list[Any], n: int, kinds: list[str] | None
     t = batch.filter(pa.array(keep)).select(columns)
     if part_of is not None:
         h = np.asarray(pc.fill_null(t.column(part_of), 0).to_numpy(), dtype=np.uint64)
-        if part_of == "_tdig":  # exact keys: the text digest, with the image for exact_dup_image
-            if "_imgh" in columns:
-                with np.errstate(over="ignore"):
-                    h = h ^ (t.column("_imgh").to_numpy() * _P)
         t = t.append_column("_part", pa.array((h % np.uint64(parts)).astype(np.int64)))
     return t
 
@@ -367,6 +364,7 @@ class _Run:
         self.phash = np.zeros(n, dtype=np.uint64)
         self.kind_names: list[str] = []  # per row: the kind as a code into kind_names
         self.kind_code = np.zeros(n, dtype=np.int32)
+        self.has_bands = np.zeros(n, dtype=bool)  # a near.kinds row with shingles, alive after the per-row rules
 
     def set_kinds(self, rows: np.ndarray, col: Any) -> None:
         enc = col.combine_chunks().dictionary_encode()
@@ -446,6 +444,9 @@ def _near(run: _Run) -> dict[int, str]:
     c = run.cfg.near
     n_sel = int((run.of_kinds(list(c.kinds)) & (run.reason == None)).sum())  # noqa: E711
     if n_sel < 2:  # as the Polars path: no statistics then
+        return {}
+    run.stats["near"] = {"candidates": 0, "pairs_checked": 0, "pairs_linked": 0}
+    if int((run.has_bands & (run.reason == None)).sum()) < 2:  # noqa: E711
         return {}
     ds = run.alive(["_row", "kind", "_bands"], kinds=list(c.kinds))
     ds = ds.map_batches(_explode_bands, batch_format="pyarrow", num_cpus=0.1, fn_kwargs={"parts": run.parts})
@@ -596,12 +597,13 @@ def _run(ws: Workspace, cfg: CurationConfig, eval_data: Any, show_progress: bool
             run = _Run(ray, feats, n, cfg, workers, parts)
             run.steps = [s for s in STEPS if s.enabled(cfg)]
             rowwise: dict[str, dict[int, str]] = {k: {} for k in ROWWISE}
-            cols = ["_row", "kind", "_imgh", "img_phash", REASON, DETAIL, *("_g_" + k for k in ROWWISE)]
+            cols = ["_row", "kind", "_imgh", "img_phash", "_hasb", REASON, DETAIL, *("_g_" + k for k in ROWWISE)]
             for b in feats.select_columns(cols).iter_batches(batch_format="pyarrow", batch_size=None):
                 rows = b.column("_row").to_numpy()
                 run.set_kinds(rows, b.column("kind"))
                 run.imgh[rows] = b.column("_imgh").to_numpy()
                 run.phash[rows] = b.column("img_phash").to_numpy()
+                run.has_bands[rows] = b.column("_hasb").to_numpy(zero_copy_only=False)
                 for col, dest in ((REASON, None), *(("_g_" + k, rowwise[k]) for k in ROWWISE)):
                     j = np.flatnonzero(pc.is_valid(b.column(col)).to_numpy(zero_copy_only=False))
                     if not len(j):
