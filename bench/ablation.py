@@ -588,7 +588,7 @@ def s3_worker(paths: Paths, st: Settings, task: Task, threads: int) -> dict[str,
     for s in sorted(set(picks.values())):
         model = input_model if s == 0 else materialize(ck[s], input_model, run / "models" / f"step-{s:06d}")
         tests[s] = eval_model(model, paths.test, st, run / "evals" / f"test-step-{s:06d}")
-    seconds = {"wall": round(time.time() - t0, 1), "eval": round(t_eval, 1)}
+    seconds = {"wall": round(time.time() - t0, 1), "eval": round(t_eval, 1), "train": round(t_train, 1)}
     summ = read_json(run / "train" / "stage3" / "summary.json")
     if summ:
         seconds["stage3"] = summ.get("seconds")

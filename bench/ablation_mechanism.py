@@ -27,13 +27,11 @@ def _image_of(rec: Any) -> Any:
 
 
 def _pil(ref: Any, root: Path | None = None) -> Any:
-    import io
+    """The image of an ImageRef as cocoa's training collators read it (paths relative to ``root``, the dataset
+    directory)."""
+    from cocoa.model.collate import load_image
 
-    from PIL import Image
-
-    if ref.bytes is not None:
-        return Image.open(io.BytesIO(ref.bytes)).convert("RGB")
-    return Image.open((root / ref.path) if root else ref.path).convert("RGB")
+    return load_image(ref, root, "probe image").convert("RGB")
 
 
 def scene_examples(records: Any, n: int, root: Path | None = None) -> list[tuple[Any, dict[str, Any]]]:
@@ -182,7 +180,7 @@ def load_inputs(train_root: Path, val_seed: int, mix: Path, n_probe_train: int, 
     from cocoa.shards import open_dataset
     from cocoa.sources.scenes import iter_train_pairs
 
-    train = scene_examples(open_dataset(train_root / "original"), n_probe_train)
+    train = scene_examples(open_dataset(train_root / "original"), n_probe_train, root=train_root / "original")
     val = scene_examples(iter_train_pairs(4 * n_probe_val, seed=val_seed, image_size=image_size), n_probe_val)
     recs = [r for r in open_dataset(mix, record_type="MixRecord") if r.image is not None and 2 in r.stages][:n_swap]
     return {"train": train, "val": val, "swap": recs}

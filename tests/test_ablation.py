@@ -117,9 +117,14 @@ def test_materialized_checkpoint_matches_what_cocoa_train_saves(ab):
     assert PRESETS["tiny"]["stage3"]["max_length"] == ab.S3_MAX_LENGTH
 
 
-def test_quick_mode_end_to_end(ab, tmp_path):
-    """Every arm, both sweeps (one choice each), the mechanism and the report, through the real CLI."""
+def test_quick_mode_end_to_end(ab, tmp_path, tiny_model_dir):
+    """Every arm, both sweeps (one choice each), the mechanism and the report, through the real CLI. The base
+    is the session's fresh tiny model (generative pre-training has its own tests; the experiment reuses a base
+    it finds), which saves the suite a pre-training run."""
+    import shutil
+
     root = tmp_path / "abl"
+    shutil.copytree(tiny_model_dir, root / "base")
     env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
     cmd = [sys.executable, str(ROOT / "bench" / "ablation.py"), "--root", str(root), "--quick", "--seeds", "0",
            "--s3-lrs", "0.001", "--configs", "full", "--png", str(tmp_path / "c.png")]
