@@ -101,21 +101,26 @@ def _rows(manifest: Path) -> int:
 
 
 def _run_and_kill(cmd, ready, timeout=240.0):
-    """Start ``cmd``, SIGKILL it as soon as ``ready()`` holds; the exit status and stderr."""
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
-    t0 = time.time()
-    try:
-        while p.poll() is None and time.time() - t0 < timeout:
-            if ready():
-                p.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.01)
-        p.wait(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    return p.returncode, p.stderr.read().decode(errors="replace")
+    """Start ``cmd``, SIGKILL it as soon as ``ready()`` holds; the exit status and stderr (through a file:
+    vLLM's log could fill a pipe nobody reads while we wait)."""
+    import tempfile
+
+    with tempfile.TemporaryFile() as err:
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=ENV)
+        t0 = time.time()
+        try:
+            while p.poll() is None and time.time() - t0 < timeout:
+                if ready():
+                    p.send_signal(signal.SIGKILL)
+                    break
+                time.sleep(0.01)
+            p.wait(timeout=60)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        err.seek(0)
+        return p.returncode, err.read().decode(errors="replace")
 
 
 def _ids(path: Path) -> Counter:
@@ -167,18 +172,19 @@ def test_offline_engine_synth_end_to_end_and_sigkill_resume_equals_an_uninterrup
     # the uninterrupted run and the run that gets killed go side by side (each engine uses one core)
     ref = tmp_path / "ref"
     t0 = time.time()
-    uninterrupted = subprocess.Popen(cmd(ref, WHOLE), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=ENV)
+    with open(tmp_path / "ref.out", "wb") as o, open(tmp_path / "ref.err", "wb") as e:
+        uninterrupted = subprocess.Popen(cmd(ref, WHOLE), stdout=o, stderr=e, env=ENV)
     try:
         out = tmp_path / "shards"
         syn = out / "synthetic" / "parts" / "part-00000-of-00001" / "manifest.json"
         rc, err = _run_and_kill(cmd(out, BATCHES), lambda: _rows(syn) > 0)
-        stdout, stderr = uninterrupted.communicate(timeout=300)
+        uninterrupted.wait(timeout=300)
     finally:
         if uninterrupted.poll() is None:
             uninterrupted.kill()
             uninterrupted.wait()
-    assert uninterrupted.returncode == 0, stderr[-4000:]
+    stdout = (tmp_path / "ref.out").read_text()
+    assert uninterrupted.returncode == 0, (tmp_path / "ref.err").read_text()[-4000:]
     ref_summary = json.loads([x for x in stdout.splitlines() if x.startswith('{"summary"')][-1])["summary"]
     print(f"offline vllm synth: {time.time() - t0:.1f} s for both runs, {ref_summary['requests']} requests, "
           f"{ref_summary['generated_tokens_per_s']} generated tokens/s in the engine")
@@ -250,16 +256,17 @@ def test_vllm_greedy_tokens_equal_transformers(vllm_venv, tiny_model_dir, tmp_pa
             "requests": [{"prompt": pr, "image": str(im)} for pr, im in zip(PROMPTS, images)]}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     t0 = time.time()
-    p = subprocess.Popen([str(VPY), str(REPO / "tests" / "vllm_greedy.py"), str(tmp_path / "spec.json"),
-                          str(tmp_path / "out.json")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    with open(tmp_path / "vllm.log", "wb") as log:
+        p = subprocess.Popen([str(VPY), str(REPO / "tests" / "vllm_greedy.py"), str(tmp_path / "spec.json"),
+                              str(tmp_path / "out.json")], stdout=log, stderr=subprocess.STDOUT, env=ENV)
     try:
         hf = _hf_greedy(tiny_model_dir, list(zip(PROMPTS, images)), MAX_PIXELS)  # meanwhile, on the other core
-        _, stderr = p.communicate(timeout=300)
+        p.wait(timeout=300)
     finally:
         if p.poll() is None:
             p.kill()
             p.wait()
-    assert p.returncode == 0, stderr[-4000:]
+    assert p.returncode == 0, (tmp_path / "vllm.log").read_text()[-4000:]
     got = json.loads((tmp_path / "out.json").read_text())
     print(f"greedy comparison: {time.time() - t0:.1f} s")
 
