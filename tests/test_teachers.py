@@ -321,13 +321,17 @@ def test_vllm_offline_structured_generation(tiny_model_dir, pairs):
     t = vb.VllmTeacher(str(tiny_model_dir), max_model_len=2048, gpu_memory_utilization=0.3, enforce_eager=True,
                        min_pixels=None, max_pixels=None)
     with_img = [p for p in pairs if p.qry_image is not None][:4]
-    reqs = [_req(p, task, seed=i, sampling=Sampling(max_tokens=256))
+    # bounded strings (the schema's maxLength) so that even random weights finish every output
+    schemas = {"caption": json_schema("caption", caption_chars=48), "qa": json_schema("qa", 1, qa_chars=32)}
+    reqs = [_req(p, task, seed=i, k=1, sampling=Sampling(max_tokens=128))
             for i, (p, task) in enumerate(zip(with_img, ["caption", "qa"] * 2))]
+    for r in reqs:
+        r.schema = schemas[r.task]
     res = t.generate(reqs)
     assert t.structured and len(res) == 4
-    for r in res:
-        assert r.completion_tokens > 0 and r.prompt_tokens > 0
-        json.loads(r.text)  # structured outputs: JSON even from a random tiny model (unless truncated)
+    for r, q in zip(res, reqs):
+        assert r.completion_tokens > 0 and r.prompt_tokens > 0 and r.finish_reason == "stop"
+        parse_output(q.task, r.text, 1, caption_chars=48, qa_chars=32)  # every finished request parses
 
 
 # -- transformers backend -------------------------------------------------------------------------
