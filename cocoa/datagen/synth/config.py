@@ -38,8 +38,8 @@ class VllmOptions(Config):
                                 "on a CPU it saves ~20 s of engine start)")
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict,
-        description="Any other vllm.LLM(...) keyword, as a YAML/JSON mapping, e.g. '{data_parallel_size: 2, "
-        "structured_outputs_config: {backend: xgrammar}, limit_mm_per_prompt: {image: 1}}'; its keys win over the "
+        description="Any other vllm.LLM(...) keyword, as a YAML/JSON mapping, e.g. '{enable_prefix_caching: true, "
+        "structured_outputs_config: {backend: xgrammar}, max_num_batched_tokens: 16384}'; its keys win over the "
         "--vllm-* fields (not model, revision, seed or the pixel limits: --model, --revision, --seed, --min-pixels, "
         "--max-pixels)")
 
