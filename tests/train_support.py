@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -20,6 +21,9 @@ def make_workspace(scenes_root: Path, dest: Path) -> Path:
     original = dest / "original"
     if not original.exists():
         original.symlink_to(Path(scenes_root) / "original", target_is_directory=True)
+    store = Path(scenes_root) / "images"  # the build's image store: records refer to ../images/<xx>/<digest>
+    if store.is_dir() and not (dest / "images").exists():
+        shutil.copytree(store, dest / "images")
     mix = []
     for p in open_dataset(original):
         if p.qry_image is not None and p.pos_text.strip():
