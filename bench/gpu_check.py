@@ -8,7 +8,8 @@ report is rewritten after every section, so a killed run still leaves what it me
 1. ``env``          versions, device, memory, measured bf16 matmul peak, which optional packages exist
 2. ``train_bench``  stock transformers step (causal LM loss, HF's own forward) vs cocoa's stage 1 / 2 / 3 steps on a
                     random-init Qwen2-VL-2B (bench/train_bench.py; full fine-tuning, batch 16, 448 px, gradient
-                    checkpointing): ms/step, samples/s, % of bf16 peak (measured and nominal), peak memory
+                    checkpointing): ms/step, samples/s, % of bf16 peak (measured and nominal), peak memory; then the
+                    stage-3 step with DoRA (dropout 0.05 and 0) and LoRA adapters on a bf16 base
 3. ``attention``    dense SDPA vs FlexAttention for the stage-2 collaborative mask at 1k / 2k / 4k tokens
                     (bench/attention_bench.py part 1), with FlexAttention's error against fp32
 4. ``precision``    bf16-vs-fp32 agreement of the stage 1 / 2 / 3 losses and gradient norms on fixed batches
@@ -232,6 +233,23 @@ def section_train_bench(a: argparse.Namespace) -> dict[str, Any]:
                                                          batch, seed=k)
         _reset_peak(device)
         rows.append(tb.bench_stage(model, k, data, steps, warmup, device, amp, grad_ckpt))
+    # the paper recipe's adapters on the same stage-3 step: DoRA (dropout 0.05: peft then recomputes every adapted
+    # base projection), DoRA without dropout, LoRA -- bf16 base, fp32 adapters, as cocoa-train runs them
+    from cocoa.train.config import LoraSection
+    from cocoa.train.lora import apply_adapters
+
+    for label, method, dropout in (("DoRA", "dora", 0.05), ("DoRA, dropout 0", "dora", 0.0), ("LoRA", "lora", 0.05)):
+        peft_model = apply_adapters(model.model, LoraSection(method=method, dropout=dropout))
+        if grad_ckpt:
+            model.model.enable_input_require_grads()
+        for p in model.model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        _reset_peak(device)
+        r = tb.bench_stage(model, 3, data, steps, warmup, device, amp, grad_ckpt)
+        r["stage"] = f"3 {label}"
+        rows.append(r)
+        peft_model.unload()
     for r in rows:
         r["samples_per_s"] = batch / r["step_s"]
         r["mfu_measured_peak"] = r["flops"] / r["step_s"] / peak
@@ -493,7 +511,8 @@ def markdown(report: dict[str, Any]) -> str:
         p("| step | ms | samples/s | tokens/s | % of measured peak | % of nominal bf16 | peak GiB | loss |")
         p("|---|---:|---:|---:|---:|---:|---:|---:|")
         for r in tb["rows"]:
-            name = "stock HF (causal LM loss)" if r["stage"] == "stock" else f"cocoa stage {r['stage']}"
+            name = ("stock HF (causal LM loss)" if r["stage"] == "stock" else f"cocoa stage {r['stage']}"
+                    + (" (full fine-tuning)" if isinstance(r["stage"], int) else ""))
             p(f"| {name} | {r['step_s'] * 1e3:.0f} | {r['samples_per_s']:.1f} | {r['tokens_per_s']:.0f} | "
               f"{r['mfu_measured_peak']:.1%} | {_f(r['mfu_nominal_peak'] * 100 if r['mfu_nominal_peak'] else None)}"
               f"{'%' if r['mfu_nominal_peak'] else ''} | {_f(r['peak_mem_gib'])} | {r['loss']:.3f} |")

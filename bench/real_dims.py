@@ -609,6 +609,37 @@ def report(res: dict[str, Any], out: Any = None) -> str:
     return text
 
 
+def summary_markdown(results: dict[str, Any]) -> str:
+    """Markdown tables of a saved run (``--summarize JSON``): one row per model, phase and stage."""
+    L = ["| model | depth (LLM / ViT) | stage | steps x batch (micro) | adapted modules LLM attn / MLP, ViT | "
+         "trainable params | image tokens / sample | sequence lengths | s/step | peak RSS GiB | loss per step |",
+         "|---|---|---:|---|---|---:|---|---|---|---:|---|"]
+    runs = [(n, r) for n, r in results.get("models", {}).items()] + \
+        [(n + " (full depth)", r) for n, r in results.get("full_depth", {}).items()]
+    for name, r in runs:
+        b = r["base"]
+        for k, s in r["stages"].items():
+            g = s["trainable"]
+            llm_a = sum(v["adapted_modules"] for key, v in g.items() if key.startswith("LLM attention"))
+            llm_m = sum(v["adapted_modules"] for key, v in g.items() if key.startswith("LLM MLP"))
+            vit = sum(v["adapted_modules"] for key, v in g.items() if key.startswith("ViT"))
+            toks = sorted({t for sh in sum(s["shapes"].values(), []) for t in sh["image_tokens"] if t})
+            lens = sorted({x for sh in sum(s["shapes"].values(), []) for x in sh["lengths"]})
+            L.append(f"| {name} | {b['text_layers']} / {b['vision_depth']} | {k} | {s['steps']} x {s['batch_size']} "
+                     f"({s['micro_batch_size']}) | {llm_a} / {llm_m}, {vit} | {s['trainable_total']:,} | "
+                     f"{', '.join(map(str, toks))} | {lens[0]}-{lens[-1]} | {', '.join(f'{x:.1f}' for x in s['step_s'])} | "
+                     f"{s.get('peak_rss_gib')} | {', '.join(f'{x:.4f}' for x in s['losses'])} |")
+    L += ["", "| model | parameters | build + save s | reload: class, adapter tensors, params = base | Embedder: dim, "
+          "finite, norms | EOS / <\\|mask\\|> ids | run s | peak RSS GiB |", "|---|---:|---:|---|---|---|---:|---:|"]
+    for name, r in runs:
+        b, rl = r["base"], r["reload"]
+        L.append(f"| {name} | {b['params']:,} | {b['build_and_save_s']} | {rl['hf_class']}, {rl['adapter_tensors']}, "
+                 f"{rl['params_match_base']} | {rl['embed_dim']}, {rl['finite']}, {min(rl['norms']):.3f}-"
+                 f"{max(rl['norms']):.3f} | {rl['eos_token_id']} / {rl['mask_token_id']} | {r['seconds']:.0f} | "
+                 f"{r['peak_rss_gib']} |")
+    return "\n".join(L) + "\n"
+
+
 def check(res: dict[str, Any]) -> list[str]:
     """What must hold at real dimensions; returns the failures (empty: pass)."""
     bad = []
@@ -651,6 +682,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--full-depth", default="none", help="after each model's run, also run these stages (e.g. 1) at "
                     "FULL depth for one step of one sample (stage 3: two), with merge, reload and Embedder; none: skip")
     ap.add_argument("--in-process", action="store_true", help="run the models in this process (tests)")
+    ap.add_argument("--summarize", default=None, help="print markdown tables of a saved --json file and exit")
     ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     a.names = [n.strip() for n in a.models.split(",") if n.strip()]
@@ -663,6 +695,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = parse_args(argv)
     names = a.names
+    if a.summarize:
+        text = summary_markdown(json.loads(Path(a.summarize).read_text()))
+        print(text)
+        return {"summary": text}
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("COCOA_PROGRESS", "plain")

@@ -63,7 +63,8 @@ def test_gpu_check_cpu_mode_passes_without_polars_datasets_vllm(tmp_path):
         assert s["forbidden_imported"] == [], name
     assert secs["env"]["optional_present"] == {"polars": False, "datasets": False, "vllm": False,
                                                "flash_attn": False}
-    assert [row["stage"] for row in secs["train_bench"]["rows"]] == ["stock", 1, 2, 3]
+    assert [row["stage"] for row in secs["train_bench"]["rows"]] == ["stock", 1, 2, 3, "3 DoRA", "3 DoRA, dropout 0",
+                                                                     "3 LoRA"]
     assert len(secs["precision"]["rows"]) == 3 and len(secs["attention"]["rows"]) == 2
     fs = secs["fsdp"]
     assert fs["exit"] == 0 and all(fs["sharded_optimizer_files"].values()) and fs["reloaded_params"] == fs["params"]
