@@ -3,7 +3,7 @@
 # torch 2.11 / transformers 5.17 / peft 0.21 and no vLLM, flash_attn, polars or datasets. Writes
 # $OUT/gpu_check.json and $OUT/gpu_check.md (+ $OUT/logs/), rewritten after every section.
 #
-#   OUT=/tmp/out bench/gpu_check.sh          # on the GPU machine
+#   OUT=gpu_check_out bench/gpu_check.sh     # on the GPU machine
 #   bench/gpu_check.sh --cpu --out DIR        # the same code path at toy sizes (tests/test_gpu_check.py)
 #
 # Environment: PYTHON (default: python3), OUT (default gpu_check_out), GPU_CHECK_BUDGET (seconds for all

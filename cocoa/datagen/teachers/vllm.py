@@ -223,7 +223,7 @@ def _on_cpu() -> bool:
         from vllm.platforms import current_platform
 
         return bool(current_platform.is_cpu())
-    except Exception:
+    except (ImportError, AttributeError):  # a vLLM without this platform API: treat as not the CPU backend
         return False
 
 
@@ -300,7 +300,7 @@ class VllmTeacher(Teacher):
         """Whether requests are left in the engine (after a failed call: it failed while generating)."""
         try:
             return bool(self.llm.llm_engine.has_unfinished_requests())
-        except Exception:
+        except AttributeError:  # a vLLM without this engine API: assume the worst (the run stops)
             return True
 
     def _isolate(self, requests: Sequence[TeacherRequest], mode: str, structured: bool) -> list[Any]:
