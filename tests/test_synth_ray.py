@@ -1,5 +1,7 @@
 """`cocoa-data synth --engine ray` on a real local Ray cluster (one per module, shut down at the end): the records
-equal the local engine's, and a driver SIGKILLed mid-run then rerun loses and duplicates nothing."""
+equal the local engine's, a driver SIGKILLed mid-run then rerun loses and duplicates nothing, and a teacher actor
+SIGKILLed mid-run is restarted by Ray Data and its batch retried: the run completes by itself, equal to the local
+engine's."""
 
 import json
 import os
@@ -97,3 +99,77 @@ def test_driver_sigkill_mid_run_then_rerun_loses_and_duplicates_nothing(cluster,
         assert max(ids.values()) == 1  # nothing duplicated
     summary = json.loads(r.stdout.strip().splitlines()[-1])["summary"]
     assert summary["skipped"] > 0 and summary["complete"]
+
+
+def _teacher_actors() -> dict[int, str]:
+    """pid -> process title of every live teacher actor on this node (Ray titles an actor's worker process
+    ``ray::<class>`` when idle and ``ray::<class>.<method>`` while it runs one; the pool's actors are
+    ``MapWorker(MapBatches(TeacherActor))``)."""
+    found = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            title = (Path("/proc") / d / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        if title.startswith("ray::MapWorker(MapBatches(TeacherActor))"):
+            found[int(d)] = title
+    return found
+
+
+def test_teacher_actor_sigkill_mid_run_is_restarted_and_the_run_completes_by_itself(cluster, local_reference,
+                                                                                     tmp_path):
+    root = tmp_path / "shards"
+    total = len(local_reference["synthetic"])
+    # --batch-size 1: one request per actor call, so the scenes teacher's run lasts several seconds (~280 calls)
+    cmd = [str(BIN / "cocoa-data"), "synth", "--source", "scenes", "--scenes-n", "120", "--out", str(root),
+           "--no-progress", "--commit-every", "4", "--batch-size", "1", "--engine", "ray", "--ray-address", cluster,
+           "--workers", "2"]
+    before = set(_teacher_actors())  # none of this run's
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    part = root / "synthetic" / "parts" / "part-00000-of-00001" / "manifest.json"
+    killed = None
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                rows = json.loads(part.read_text())["num_rows"]
+            except (OSError, ValueError, KeyError):
+                rows = 0
+            busy = {pid: t for pid, t in _teacher_actors().items() if pid not in before and t.endswith(".submit")}
+            if rows >= 8 and busy:  # an actor is inside a batch: its requests are in flight
+                pid = min(busy)
+                assert pid != proc.pid
+                os.kill(pid, signal.SIGKILL)
+                killed = (pid, rows, time.time() - t0)
+                break
+            time.sleep(0.01)
+        # after the kill: a new actor process takes the dead one's place (Ray Data's restart)
+        replaced = set()
+        while killed and proc.poll() is None and not replaced:
+            replaced = set(_teacher_actors()) - before - {killed[0]}
+            time.sleep(0.01)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert killed is not None, f"the run ended before an actor could be killed: {err[-2000:] if proc.stderr else ''}"
+    pid, rows_at_kill, t_kill = killed
+    print(f"actor {pid} killed {t_kill:.1f} s into the run with {rows_at_kill}/{total} records committed; "
+          f"replaced by {sorted(replaced)}; the run took {time.time() - t0:.1f} s")
+    assert 0 < rows_at_kill < total  # mid-run: records were outstanding when the actor died
+    assert replaced  # Ray Data restarted the actor (a new process) to retry its batch
+    assert proc.returncode == 0, f"the run did not survive its actor's death:\n{err[-3000:]}"
+    summary = json.loads(out.strip().splitlines()[-1])["summary"]
+    # one run did it all: nothing was skipped (no rerun), every request finished, nothing is missing
+    assert summary["complete"] and summary["skipped"] == 0 and summary["ok"] == summary["requests"] > 0
+    got = _records(root)  # complete manifests, or this raises
+    for d in DIRS:
+        assert got[d] == local_reference[d], d  # nothing lost, same contents
+    for d in ("synthetic", "original"):
+        ids = Counter(json.loads(x)["id"] for x in got[d])
+        assert max(ids.values()) == 1  # nothing duplicated (the retried batch was written once)
+    assert not _teacher_actors().keys() - before  # the run's pool is gone, the restarted actor included
