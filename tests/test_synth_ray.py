@@ -173,3 +173,44 @@ def test_teacher_actor_sigkill_mid_run_is_restarted_and_the_run_completes_by_its
         ids = Counter(json.loads(x)["id"] for x in got[d])
         assert max(ids.values()) == 1  # nothing duplicated (the retried batch was written once)
     assert not _teacher_actors().keys() - before  # the run's pool is gone, the restarted actor included
+
+
+def test_a_batch_whose_actor_keeps_dying_stops_the_run_in_one_line_and_a_rerun_completes(cluster, local_reference,
+                                                                                         tmp_path):
+    """Ray Data would retry such a batch forever; cocoa bounds it (ray_engine._BATCH_RETRIES): killing the busy
+    actor again and again (each kill fails every batch in flight on it) stops the run with one line naming the
+    rerun; committed work stays, the outputs stay incomplete, and the rerun completes, equal to the local engine."""
+    root = tmp_path / "shards"
+    cmd = [str(BIN / "cocoa-data"), "synth", "--source", "scenes", "--scenes-n", "120", "--out", str(root),
+           "--no-progress", "--commit-every", "4", "--batch-size", "1", "--engine", "ray", "--ray-address", cluster,
+           "--workers", "1"]
+    before = set(_teacher_actors())
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    kills = []
+    try:
+        while time.time() - t0 < 180 and proc.poll() is None and len(kills) < 30:
+            busy = [pid for pid, t in _teacher_actors().items()
+                    if pid not in before and pid not in kills and t.endswith(".submit")]
+            if busy:
+                os.kill(busy[0], signal.SIGKILL)
+                kills.append(busy[0])
+            time.sleep(0.005)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    print(f"{len(kills)} actor kills; the run stopped after {time.time() - t0:.1f} s: {err.strip().splitlines()[-1:]}")
+    assert proc.returncode not in (0, None) and len(kills) > 3, (proc.returncode, kills, err[-3000:])
+    last = err.strip().splitlines()[-1]
+    assert "a teacher actor died 4 times running the same batch (Actor" in last, err[-3000:]
+    assert "rerun the same command" in last
+    with pytest.raises(Exception, match="incomplete"):
+        open_dataset(root / "synthetic")
+    assert not _teacher_actors().keys() - before  # the run's pool is gone
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = _records(root)
+    for d in DIRS:
+        assert got[d] == local_reference[d], d

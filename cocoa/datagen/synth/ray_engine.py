@@ -14,7 +14,9 @@ driver turns each outcome into the same ``SynthRecord`` / ``QuarantineRecord`` r
 
 So for a deterministic teacher the records equal the local engine's (same ids, same contents; only the
 order of rows within the shards may differ), a killed driver loses at most the uncommitted outcomes, and
-a rerun (either engine) skips every finished key. Requires ``OUT`` on a filesystem every node sees (the
+a rerun (either engine) skips every finished key. A dead actor is restarted and its in-flight batches are
+retried on the new one (the run completes by itself); a batch whose actor dies ``1 + _BATCH_RETRIES`` times
+stops the run with one line naming the rerun. Requires ``OUT`` on a filesystem every node sees (the
 actors read the images from ``OUT/images``) and cocoa installed on every node.
 """
 
@@ -42,6 +44,17 @@ _OUTCOME_FIELDS = ("key", "status", "attempt", "raws", "error", "reason", "detai
                    "prompt_tokens", "completion_tokens")
 #: default map_batches batch size per backend when --batch-size is unset (the teachers' own defaults)
 _BATCH = {"vllm": 256, "openai": 64, "transformers": 8, "scenes": 64}
+#: a dead teacher actor is restarted (as often as needed) and its in-flight batches retried on the new one, but a
+#: batch is tried at most 1 + _BATCH_RETRIES times: a batch that kills its actor each time (the OOM killer, a
+#: crash in native code) stops the run with one line instead of rebuilding the teacher forever (Ray Data's own
+#: default is unbounded task retries)
+_BATCH_RETRIES = 3
+
+
+def _first_line(e: BaseException) -> str:
+    """The error's class and the first clause of its message (Ray's run on for lines)."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    return f"{type(e).__name__}: {lines[0].split(': ')[0][:160]}" if lines else type(e).__name__
 
 
 class RayEngineError(RecordError):
@@ -206,13 +219,20 @@ class RaySynthesizer(Synthesizer):
             ds = ds.map_batches(TeacherActor, batch_size=bs, batch_format="pyarrow",
                                 fn_constructor_kwargs={"config": cfg.model_dump(mode="json"),
                                                        "store_dir": str(out.store.dir.resolve())},
-                                compute=ray.data.ActorPoolStrategy(size=cfg.workers), num_cpus=0.1, num_gpus=gpus)
+                                compute=ray.data.ActorPoolStrategy(size=cfg.workers), num_cpus=0.1, num_gpus=gpus,
+                                max_restarts=-1, max_task_retries=_BATCH_RETRIES)
             t0 = time.perf_counter()
-            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                for o in batch.to_pylist():
-                    self._judge(o)
-                out.maybe_commit()
-                self._update_bar()
+            try:
+                for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                    for o in batch.to_pylist():
+                        self._judge(o)
+                    out.maybe_commit()
+                    self._update_bar()
+            except ray.exceptions.RayActorError as e:
+                raise RayEngineError(
+                    f"--engine ray: a teacher actor died {1 + _BATCH_RETRIES} times running the same batch "
+                    f"({_first_line(e)}); stopped. Finished work is committed; rerun the same command to continue "
+                    "(if the node ran out of memory, lower --batch-size or --workers per node)") from None
             self.ray_seconds = time.perf_counter() - t0
             if hasattr(self.summary, "generate_seconds"):
                 self.summary.generate_seconds += self.ray_seconds
