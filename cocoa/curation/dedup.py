@@ -19,10 +19,21 @@ import xxhash
 from .text import ngrams
 
 
-def text_digests(texts: list[str | None]) -> np.ndarray:
-    """Stable uint64 digests (xxh3-64 of UTF-8) of strings; None hashes as ''."""
+def text_digests(texts) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """Stable uint64 digests (xxh3-64 of UTF-8) of strings, a list or a Polars String Series; None and ''
+    get 0. A Series is hashed from its UTF-8 bytes in blocks (no ``str`` object per row)."""
     h = xxhash.xxh3_64_intdigest
-    return np.fromiter((h(t.encode()) if t else 0 for t in texts), dtype=np.uint64, count=len(texts))
+    if isinstance(texts, list):
+        return np.fromiter((h(t.encode()) if t else 0 for t in texts), dtype=np.uint64, count=len(texts))
+    import polars as pl
+
+    texts = texts.cast(pl.String)
+    out = np.empty(len(texts), dtype=np.uint64)
+    for s in range(0, len(texts), 200_000):
+        b = texts.slice(s, 200_000).fill_null("").cast(pl.Binary).to_list()
+        out[s:s + len(b)] = np.fromiter(map(h, b), dtype=np.uint64, count=len(b))
+    out[texts.str.len_bytes().fill_null(0).to_numpy() == 0] = 0
+    return out
 
 
 def first_of_groups(keys: np.ndarray) -> np.ndarray:
@@ -70,6 +81,13 @@ def _signatures(flat: np.ndarray, offsets: np.ndarray, num_perm: int, seed: int)
     import rensa
 
     return rensa.RMinHash.digest_matrix_from_flat_token_hashes(flat, offsets, num_perm, seed)
+
+
+def _matrix_values(mat, rows: int, r: int) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """A rensa digest matrix as a ``rows x r`` uint64 array (rensa hands it out as lists of ints only)."""
+    from itertools import chain
+
+    return np.fromiter(chain.from_iterable(mat.to_rows()), dtype=np.uint64, count=rows * r).reshape(rows, r)
 
 
 def _subset(flat: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -133,7 +151,7 @@ def near_duplicates(
             continue
         flagged[rows] = True
         f, o = _subset(sh, soff, rows)
-        key = band_keys(np.asarray(_signatures(f, o, r, bseed).to_rows(), dtype=np.uint64))
+        key = band_keys(_matrix_values(_signatures(f, o, r, bseed), len(rows), r))
         pairs.append(bucket_pairs(key, rows.astype(np.int64), max_bucket_pairs))
     n_flagged = int(flagged.sum())
     if not pairs:

@@ -121,7 +121,7 @@ def text_features(df, cfg: CurationConfig, progress: Any = None):  # type: ignor
     off = np.zeros(len(ln) + 1, dtype=np.int64)
     np.cumsum(ln, out=off[1:])
     is_qa = (df["kind"] == "qa").to_numpy()
-    tdig = text_digests(df["text"].str.to_lowercase().to_list())  # exact-duplicate key (stable xxh3-64)
+    tdig = text_digests(df["text"].str.to_lowercase())  # exact-duplicate key (stable xxh3-64)
     df = df.with_columns(
         pl.Series("_tdig", tdig),
         pl.Series("cap_words", np.where(is_qa, 0, ln).astype(np.int64)),

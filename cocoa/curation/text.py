@@ -7,6 +7,7 @@ hashes with wrapping uint64 arithmetic in numpy, so nothing is done per token in
 
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
@@ -57,6 +58,8 @@ def combined_pattern(patterns: list[str]) -> str | None:
 # ---------------------------------------------------------------------------------------------
 _BYTE_WEIGHTS = np.random.default_rng(0x5EED).integers(1, 2**63, size=64, dtype=np.int64).astype(np.uint64) | np.uint64(1)
 _CHUNK_BYTES = 4 << 20
+# threads hashing chunks of bytes at once in :func:`word_hashes` (at most the CPUs this process may use)
+WORD_THREADS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
 def _string_buffers(texts) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
@@ -82,28 +85,35 @@ def _mix64(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(33))
 
 
+# byte classes for the word scanner (one table lookup per byte instead of a chain of comparisons)
+_IS_WORD = np.zeros(256, dtype=bool)
+_IS_WORD[48:58] = _IS_WORD[65:91] = _IS_WORD[97:123] = True  # ASCII digits and letters
+_IS_WORD[95] = _IS_WORD[128:] = True  # underscore, and every byte of a non-ASCII UTF-8 character
+_LOWER = np.arange(256, dtype=np.uint8)
+_LOWER[65:91] += 32  # ASCII case folding
+_BYTE_VALUE = np.where(_IS_WORD, _LOWER.astype(np.uint64) + np.uint64(1), np.uint64(0)).astype(np.uint64)
+
+
 def _words_of_bytes(offs: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n_rows = len(offs) - 1
     if len(d) == 0:
         return np.zeros(0, dtype=np.uint64), np.zeros(n_rows + 1, dtype=np.int64)
-    upper = (d >= 65) & (d <= 90)
-    low = d + (upper.view(np.uint8) << 5)  # ASCII case folding
-    isw = ((low >= 97) & (low <= 122)) | ((low >= 48) & (low <= 57)) | (low == 95) | (low >= 128)
-    prev = np.empty_like(isw)
-    prev[0] = False
-    prev[1:] = isw[:-1]
+    isw = _IS_WORD[d]
+    start = isw.copy()
+    start[1:] &= ~isw[:-1]
     row_starts = offs[:-1][np.diff(offs) > 0]
-    prev[row_starts] = False  # a word never continues into the next row
-    start = isw & ~prev
+    start[row_starts] = isw[row_starts]  # a word never continues into the next row
     S = np.flatnonzero(start)
     if len(S) == 0:
         return np.zeros(0, dtype=np.uint64), np.zeros(n_rows + 1, dtype=np.int64)
-    idx = np.arange(len(d), dtype=np.int32)  # chunks are far below 2**31 bytes
-    pos = idx - np.maximum.accumulate(np.where(start, idx, np.int32(0)))
+    pos = np.arange(len(d), dtype=np.int32)  # chunks are far below 2**31 bytes
+    last = np.where(start, pos, np.int32(0))
+    np.maximum.accumulate(last, out=last)
+    pos -= last  # position in the word (garbage outside words, whose byte value is 0)
+    pos &= 63
     with np.errstate(over="ignore"):
-        w = _BYTE_WEIGHTS[pos & 63]
-        w[~isw] = 0
-        contrib = (low.astype(np.uint64) + np.uint64(1)) * w
+        contrib = _BYTE_WEIGHTS[pos]
+        contrib *= _BYTE_VALUE[d]  # (lower-cased byte + 1) inside words, 0 outside
         h = np.add.reduceat(contrib, S)
         length = np.add.reduceat(isw.view(np.uint8), S, dtype=np.int32).astype(np.uint64)
         h = _mix64(h ^ (length * np.uint64(0x9E3779B97F4A7C15)))
@@ -122,43 +132,42 @@ def word_hashes(texts) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-unty
     """
     offs, d = _string_buffers(texts)
     n = len(offs) - 1
-    flats, counts = [], []
+    bounds = []
     r = 0
     while r < n:
         # rows [r, e) hold about _CHUNK_BYTES bytes (bounded memory)
         e = int(np.searchsorted(offs, offs[r] + _CHUNK_BYTES, side="right"))
         e = min(max(e, r + 1), n)
-        sub = offs[r:e + 1]
-        h, woff = _words_of_bytes(sub - sub[0], d[sub[0]:sub[-1]])
-        flats.append(h)
-        counts.append(np.diff(woff))
+        bounds.append((r, e))
         r = e
+
+    def chunk(b: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        sub = offs[b[0]:b[1] + 1]
+        h, woff = _words_of_bytes(sub - sub[0], d[sub[0]:sub[-1]])
+        return h, np.diff(woff)
+
+    workers = min(WORD_THREADS, len(bounds))
+    if workers > 1:  # numpy releases the GIL in these array operations: chunks run side by side
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers) as pool:
+            parts = list(pool.map(chunk, bounds))
+    else:
+        parts = [chunk(b) for b in bounds]
     offsets = np.zeros(n + 1, dtype=np.int64)
-    if counts:
-        np.cumsum(np.concatenate(counts), out=offsets[1:])
-    flat = np.concatenate(flats) if flats else np.zeros(0, dtype=np.uint64)
+    if parts:
+        np.cumsum(np.concatenate([c for _, c in parts]), out=offsets[1:])
+    flat = np.concatenate([h for h, _ in parts]) if parts else np.zeros(0, dtype=np.uint64)
     return flat, offsets
 
 
 def needs_normalize(texts) -> np.ndarray:  # type: ignore[no-untyped-def]
-    """Rows whose text NFC/whitespace normalisation could change: non-ASCII bytes, a whitespace
+    """Rows whose text NFC/whitespace normalisation could change: non-ASCII characters, a whitespace
     other than a single inner space (tabs, newlines, runs, leading/trailing)."""
-    offs, d = _string_buffers(texts)
-    n = len(offs) - 1
-    out = np.zeros(n, dtype=bool)
-    lens = np.diff(offs)
-    nz = np.flatnonzero(lens > 0)
-    if len(nz) == 0 or len(d) == 0:
-        return out
-    sp = d == 32
-    other_ws = (d >= 9) & (d <= 13)
-    bad = (d >= 128) | other_ws
-    bad[1:] |= sp[1:] & sp[:-1]
-    bad[offs[:-1][nz]] |= sp[offs[:-1][nz]]
-    bad[offs[1:][nz] - 1] |= sp[offs[1:][nz] - 1]
-    starts = offs[:-1][nz]
-    out[nz] = np.logical_or.reduceat(bad, starts)
-    return out
+    import polars as pl
+
+    texts = texts.cast(pl.String).fill_null("")
+    return texts.str.contains(r"[\t\n\x0b\x0c\r]|[^\x00-\x7f]|  |^ | $").to_numpy().astype(bool)
 
 
 def normalize_series(texts):  # type: ignore[no-untyped-def]
@@ -188,32 +197,42 @@ def ngrams(flat: np.ndarray, offsets: np.ndarray, n: int, short: str = "unigrams
 
     Rows with fewer than ``n`` words get their unigrams (``short="unigrams"``, for MinHash shingles)
     or nothing (``short="drop"``, for overlap tests where a short text is no evidence).
+    The hashes are computed at every flat position at once (contiguous arrays, no gathers); the last
+    ``n - 1`` positions of each row (which would span into the next row) are then dropped.
     """
     lens = np.diff(offsets)
     if n <= 1 or len(flat) == 0:
         return flat, offsets
     size = len(flat)
-    padded = np.concatenate([flat, np.zeros(n - 1, dtype=np.uint64)])
-    h = padded[:size].copy()
+    h = flat.copy()
     with np.errstate(over="ignore"):
         for j in range(1, n):
-            h = (h * _P1) ^ (padded[j:j + size] * _P2) + np.uint64(j)
+            cut = max(size - j, 0)
+            if cut:  # h[i] = (h[i] * P1) ^ (flat[i + j] * P2 + j)
+                t = flat[j:] * _P2
+                t += np.uint64(j)
+                head = h[:cut]
+                head *= _P1
+                head ^= t
+            h[cut:] = (h[cut:] * _P1) ^ np.uint64(j)  # past the end (always dropped): as if padded with 0
             h ^= h >> np.uint64(29)
-    rows = row_index(offsets)
-    pos = np.arange(size, dtype=np.int64) - offsets[rows]
-    row_len = lens[rows]
-    full = row_len >= n
-    keep = full & (pos <= row_len - n)
-    if short == "unigrams":
-        keep |= ~full
-        out = np.where(full, h, flat)[keep]
-        new_lens = np.where(lens >= n, lens - n + 1, lens)
-    else:
-        out = h[keep]
-        new_lens = np.where(lens >= n, lens - n + 1, 0)
+    full = lens >= n
+    keep = np.ones(size, dtype=bool)
+    ends = offsets[1:][full]
+    for k in range(1, n):
+        keep[ends - k] = False
+    short_rows = np.flatnonzero((lens > 0) & ~full)
+    if len(short_rows):
+        sl = lens[short_rows]
+        sidx = np.repeat(offsets[:-1][short_rows] - (np.cumsum(sl) - sl), sl) + np.arange(int(sl.sum()), dtype=np.int64)
+        if short == "unigrams":
+            h[sidx] = flat[sidx]
+        else:
+            keep[sidx] = False
+    new_lens = np.where(full, lens - n + 1, lens if short == "unigrams" else 0)
     new_off = np.zeros(len(lens) + 1, dtype=np.int64)
     np.cumsum(new_lens, out=new_off[1:])
-    return out, new_off
+    return h[keep], new_off
 
 
 def segment_max(values: np.ndarray, offsets: np.ndarray, empty: int = 0) -> np.ndarray:
