@@ -26,6 +26,7 @@ import json
 import os
 import re
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -216,11 +217,15 @@ class RaySynthesizer(Synthesizer):
             bs = max(1, min(cfg.batch_size or _BATCH.get(self.backend, 64), -(-len(rows) // (2 * cfg.workers))))
             ds = ray.data.from_items(rows, override_num_blocks=max(1, min(-(-len(rows) // bs), 10_000)))
             gpus = self._gpus_per_actor(ray)
-            ds = ds.map_batches(TeacherActor, batch_size=bs, batch_format="pyarrow",
-                                fn_constructor_kwargs={"config": cfg.model_dump(mode="json"),
-                                                       "store_dir": str(out.store.dir.resolve())},
-                                compute=ray.data.ActorPoolStrategy(size=cfg.workers), num_cpus=0.1, num_gpus=gpus,
-                                max_restarts=-1, max_task_retries=_BATCH_RETRIES)
+            with warnings.catch_warnings():
+                # Ray 2.60 names no parameter for an actor's restarts and retries: they go through its
+                # **ray_remote_args, which still apply them but warn that they will go (Ray 2.64)
+                warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
+                ds = ds.map_batches(TeacherActor, batch_size=bs, batch_format="pyarrow",
+                                    fn_constructor_kwargs={"config": cfg.model_dump(mode="json"),
+                                                           "store_dir": str(out.store.dir.resolve())},
+                                    compute=ray.data.ActorPoolStrategy(size=cfg.workers), num_cpus=0.1,
+                                    num_gpus=gpus, max_restarts=-1, max_task_retries=_BATCH_RETRIES)
             t0 = time.perf_counter()
             try:
                 for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -243,7 +248,6 @@ class RaySynthesizer(Synthesizer):
     def _connect(self, ray: Any) -> bool:
         """Join ``--ray-address`` / ``$RAY_ADDRESS``, or start a local cluster; True when this run started it."""
         import logging
-        import warnings
 
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # cocoa's bar and summary report the run
         warnings.filterwarnings("ignore", module=r"ray\.data\..*")
