@@ -138,7 +138,8 @@ def test_teacher_actor_sigkill_mid_run_is_restarted_and_the_run_completes_by_its
                 rows = json.loads(part.read_text())["num_rows"]
             except (OSError, ValueError, KeyError):
                 rows = 0
-            busy = {pid: t for pid, t in _teacher_actors().items() if pid not in before and t.endswith(".submit")}
+            alive = _teacher_actors()
+            busy = {pid: t for pid, t in alive.items() if pid not in before and t.endswith(".submit")}
             if rows >= 8 and busy:  # an actor is inside a batch: its requests are in flight
                 pid = min(busy)
                 assert pid != proc.pid
@@ -149,7 +150,7 @@ def test_teacher_actor_sigkill_mid_run_is_restarted_and_the_run_completes_by_its
         # after the kill: a new actor process takes the dead one's place (Ray Data's restart)
         replaced = set()
         while killed and proc.poll() is None and not replaced:
-            replaced = set(_teacher_actors()) - before - {killed[0]}
+            replaced = set(_teacher_actors()) - before - set(alive)  # not the other actor of the pool
             time.sleep(0.01)
         out, err = proc.communicate(timeout=300)
     finally:
