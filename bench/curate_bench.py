@@ -2,6 +2,7 @@
 
     python bench/curate_bench.py                  # 1M rows (targets: curate <= 60 s, <= 4 GB RSS)
     python bench/curate_bench.py --rows 200000    # smaller
+    python bench/curate_bench.py --rows 4000000 --skip-baseline   # memory at 4M rows (rows per GB of RAM)
 
 A generated corpus of caption-like rows (template sentences over a pseudo-word vocabulary) with planted
 exact duplicates and near duplicates (one word substituted, inserted or deleted, or two sentences
@@ -242,6 +243,8 @@ def main() -> None:
     ap.add_argument("--bands", type=int, default=16)
     ap.add_argument("--threshold", type=float, default=0.7)
     ap.add_argument("--no-curate", action="store_true", help="skip the full curate run")
+    ap.add_argument("--skip-baseline", action="store_true",
+                    help="skip the datasketch baseline (for the memory figure at large --rows: rows per GB of RAM)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--max-load", type=float, default=1.5,
                     help="refuse to measure when the 1-minute load average before the run is above this")
@@ -297,7 +300,49 @@ def main() -> None:
     rep_c = np.load(work / "rep_cocoa.npy")
     sc_c = score(rep_c, group)
 
+    print()
+    print(f"{'dedupe':<12}{'rows':>10}{'wall s':>9}{'CPU s':>9}{'peak RSS GB':>13}{'recall':>9}{'precision':>11}")
+    print(f"{'cocoa':<12}{args.rows:>10,}{res_c['seconds']:>9.1f}{res_c['cpu_seconds']:>9.1f}{rss_c:>13.2f}"
+          f"{sc_c['recall']:>9.4f}{sc_c['precision']:>11.4f}")
+    summary = {"rows": args.rows, "cocoa": {**res_c, **sc_c, "peak_rss_gb": rss_c,
+                                            "rows_per_gb": round(args.rows / rss_c)}}
+
     # 2) datasketch on whole groups (subsample when large)
+    if not args.skip_baseline:
+        summary.update(_baseline(args, work, tf, group, rep_c, res_c, sc_c, common))
+    else:
+        print("datasketch baseline skipped (--skip-baseline): no speed ratio in this run")
+
+    # 3) cocoa full curate
+    if not args.no_curate:
+        n_img = args.images or max(1, args.rows // 20)
+        t0 = time.perf_counter()
+        write_workspace(work / "shards", texts, n_img)
+        print(f"\nwrote {args.rows:,} SynthRecord rows over {n_img:,} distinct images "
+              f"({time.perf_counter() - t0:.1f} s, not timed)")
+        del texts, kinds  # the parent's copy of the corpus: not needed by the child (the machine's memory)
+        res_k, rss_k = run_child(["--child", "curate", "--child-args", json.dumps({"ws": str(work / "shards")})])
+        ok = res_k["seconds"] <= 60 and rss_k <= 4
+        print(f"cocoa curate: {args.rows:,} rows in {res_k['seconds']:.1f} s wall ({res_k['cpu_seconds']:.1f} s CPU), peak RSS {rss_k:.2f} GB, "
+              f"{res_k['rows_out']:,} kept  [target <= 60 s and <= 4 GB at 1M rows: "
+              f"{'met' if ok else 'MISSED'}{'' if args.rows == 1_000_000 else ' (not 1M rows)'}]")
+        print(f"  (peak RSS is the main process; the largest image worker process peaked at "
+              f"{res_k['worker_peak_rss_kb'] / 1024**2:.2f} GB)")
+        print("  drops:", res_k["drops"])
+        print("  step seconds:", {k: v for k, v in res_k["timings"].items() if v >= 0.05})
+        print(f"  rows per GB of peak RSS (main process): {args.rows / rss_k:,.0f}")
+        summary["curate"] = {**res_k, "peak_rss_gb": rss_k, "rows_per_gb": round(args.rows / rss_k)}
+    summary["load_average"] = {"before_1_5_15min": [round(x, 2) for x in load_before],
+                               "after_1_5_15min": [round(x, 2) for x in os.getloadavg()],
+                               "max_load": args.max_load, "loaded": loaded}
+    (work / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(f"\nsummary: {work / 'summary.json'}")
+
+
+def _baseline(args, work: Path, tf: Path, group: np.ndarray, rep_c: np.ndarray, res_c: dict, sc_c: dict,  # type: ignore[no-untyped-def]
+              common: dict) -> dict:
+    """The datasketch baseline on whole duplicate groups (a subsample when the corpus is large), printed beside
+    cocoa's figures; returns its summary entries."""
     n_groups = int(group.max()) + 1
     if args.rows > args.baseline_rows:
         keep_groups = max(1, int(n_groups * args.baseline_rows / args.rows))
@@ -315,10 +360,6 @@ def main() -> None:
     # cocoa on the same subsample, for a like-for-like recall/precision comparison
     sc_c_sub = score(_restrict(rep_c, sub), group[sub])
 
-    print()
-    print(f"{'dedupe':<12}{'rows':>10}{'wall s':>9}{'CPU s':>9}{'peak RSS GB':>13}{'recall':>9}{'precision':>11}")
-    print(f"{'cocoa':<12}{args.rows:>10,}{res_c['seconds']:>9.1f}{res_c['cpu_seconds']:>9.1f}{rss_c:>13.2f}"
-          f"{sc_c['recall']:>9.4f}{sc_c['precision']:>11.4f}")
     print(f"{'datasketch':<12}{len(sub):>10,}{res_d['seconds']:>9.1f}{res_d['cpu_seconds']:>9.1f}{rss_d:>13.2f}"
           f"{sc_d['recall']:>9.4f}{sc_d['precision']:>11.4f}")
     if scale > 1:
@@ -330,33 +371,9 @@ def main() -> None:
     cpu_ratio = res_d["cpu_seconds"] * scale / res_c["cpu_seconds"]
     print(f"speed ratio (datasketch / cocoa dedupe, {args.rows:,} rows): {ratio:.1f}x wall, {cpu_ratio:.1f}x CPU  "
           f"[target >= 20x at recall >= 0.95: {'met' if ratio >= 20 and sc_c['recall'] >= 0.95 else 'MISSED'}]")
-    summary = {"rows": args.rows, "cocoa": {**res_c, **sc_c, "peak_rss_gb": rss_c},
-               "datasketch": {**res_d, **sc_d, "rows": int(len(sub)), "extrapolated_seconds": ds_full,
-                              "peak_rss_gb": rss_d},
-               "speed_ratio": ratio, "cpu_ratio": cpu_ratio}
-
-    # 3) cocoa full curate
-    if not args.no_curate:
-        n_img = args.images or max(1, args.rows // 20)
-        t0 = time.perf_counter()
-        write_workspace(work / "shards", texts, n_img)
-        print(f"\nwrote {args.rows:,} SynthRecord rows over {n_img:,} distinct images "
-              f"({time.perf_counter() - t0:.1f} s, not timed)")
-        res_k, rss_k = run_child(["--child", "curate", "--child-args", json.dumps({"ws": str(work / "shards")})])
-        ok = res_k["seconds"] <= 60 and rss_k <= 4
-        print(f"cocoa curate: {args.rows:,} rows in {res_k['seconds']:.1f} s wall ({res_k['cpu_seconds']:.1f} s CPU), peak RSS {rss_k:.2f} GB, "
-              f"{res_k['rows_out']:,} kept  [target <= 60 s and <= 4 GB at 1M rows: "
-              f"{'met' if ok else 'MISSED'}{'' if args.rows == 1_000_000 else ' (not 1M rows)'}]")
-        print(f"  (peak RSS is the main process; the largest image worker process peaked at "
-              f"{res_k['worker_peak_rss_kb'] / 1024**2:.2f} GB)")
-        print("  drops:", res_k["drops"])
-        print("  step seconds:", {k: v for k, v in res_k["timings"].items() if v >= 0.05})
-        summary["curate"] = {**res_k, "peak_rss_gb": rss_k}
-    summary["load_average"] = {"before_1_5_15min": [round(x, 2) for x in load_before],
-                               "after_1_5_15min": [round(x, 2) for x in os.getloadavg()],
-                               "max_load": args.max_load, "loaded": loaded}
-    (work / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    print(f"\nsummary: {work / 'summary.json'}")
+    return {"datasketch": {**res_d, **sc_d, "rows": int(len(sub)), "extrapolated_seconds": ds_full,
+                           "peak_rss_gb": rss_d},
+            "speed_ratio": ratio, "cpu_ratio": cpu_ratio}
 
 
 def _restrict(rep: np.ndarray, sub: np.ndarray) -> np.ndarray:

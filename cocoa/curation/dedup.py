@@ -134,7 +134,8 @@ def near_duplicates(
     nonempty = np.flatnonzero(np.diff(soff) > 0)
     if len(nonempty) < 2:
         return NearDupResult(rep, sim, 0, 0, 0)
-    sh, soff = _subset(sh, soff, nonempty)
+    if len(nonempty) < n:  # (no copy when every row has words)
+        sh, soff = _subset(sh, soff, nonempty)
     m = len(nonempty)
     r = num_perm // bands
 

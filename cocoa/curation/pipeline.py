@@ -91,7 +91,6 @@ def _run_curation(ws: Workspace, cfg: CurationConfig, eval_data: str | Path | No
                   console: Any) -> CurationResult:
     from .output import check_replaceable, staged_output
 
-    pl = _pl()
     t_start = time.perf_counter()
     ds = open_checked(ws.synthetic, "SynthRecord", "synthetic data",
                       f"run `cocoa-data synth --out {ws.root}` first (it writes {ws.synthetic})")
@@ -129,7 +128,9 @@ def _run_curation(ws: Workspace, cfg: CurationConfig, eval_data: str | Path | No
             apply_steps(ctx, [step], step_times)
             progress.advance(steps_task)
         timings.update(step_times)
-        df = ctx.df
+        # what the write and the report read; the word hashes and the per-row features are freed
+        df = ctx.df.select("id", "kind", "text", "caption", "question", "answer", REASON, DETAIL)
+        ctx.df, ctx.words, words = None, None, None
         orig_rows: list[dict[str, Any]] = []
         orig_report: dict[str, Any] = {"note": "no --eval-data: original rows were not decontaminated"}
         if eval_index is not None:
@@ -147,16 +148,8 @@ def _run_curation(ws: Workspace, cfg: CurationConfig, eval_data: str | Path | No
     orig_ck = dataset_checksum(ws.original) if (ws.original / MANIFEST).is_file() else None
     prov = {"stage": "curate", "input": in_ck, "original": orig_ck, "config": cfg.model_dump(mode="json"),
             "eval_data": None if eval_data is None else str(eval_data)}
-    table = ds.table()
-    kept = table.take(pa_indices(keep_idx))
-    if cfg.text.normalize:
-        import pyarrow as pa
-
-        sub = df[keep_idx] if len(keep_idx) else df.head(0)
-        for c in ("caption", "question", "answer"):
-            kept = kept.set_column(kept.schema.get_field_index(c), c, pa.array(sub[c].to_list(), type=pa.string()))
     with staged_output(ws.curated, "curated", "cocoa-data curate") as stage:  # swapped in when complete
-        _write_outputs(stage, prov, kept, table, df, reasons, rej_idx, orig_rows)
+        _write_outputs(stage, prov, ds, df, reasons, keep_idx, rej_idx, orig_rows, cfg.text.normalize)
         timings["write"] = round(time.perf_counter() - t0, 3)
         report = build_report(ws, df, ctx, cfg, eval_data, eval_index, orig_report, in_ck, keep_idx, rej_idx, n_images,
                          timings, t_start)
@@ -165,15 +158,48 @@ def _run_curation(ws: Workspace, cfg: CurationConfig, eval_data: str | Path | No
     return CurationResult(report=report, kept=int(len(keep_idx)), rejected=int(len(rej_idx)) + len(orig_rows))
 
 
-def _write_outputs(stage: Path, prov: dict[str, Any], kept, table, df, reasons, rej_idx,  # type: ignore[no-untyped-def]
-                   orig_rows: list[dict[str, Any]]) -> None:
+def rows_in_batches(ds, idx: np.ndarray, batch: int):  # type: ignore[no-untyped-def]
+    """The rows ``idx`` (ascending row numbers of ``ds``, its shards in order) as Arrow tables of exactly
+    ``batch`` rows (the last one shorter), each with its row numbers. One shard is mapped at a time and
+    only the wanted rows are copied out of it, so memory holds about two batches, not the dataset."""
+    import pyarrow as pa
+
+    pieces: list = []
+    held = start = 0
+    for f in ds.files:
+        t = ds._open(f).read_all()
+        n = t.num_rows
+        lo, hi = np.searchsorted(idx, [start, start + n])
+        if hi > lo:
+            pieces.append((t.take(pa_indices(idx[lo:hi] - start)), idx[lo:hi]))
+            held += int(hi - lo)
+        del t
+        start += n
+        while held >= batch:
+            tab = pa.concat_tables([p for p, _ in pieces])
+            rows = np.concatenate([r for _, r in pieces])
+            yield tab.slice(0, batch), rows[:batch]
+            rest = tab.slice(batch)
+            pieces = [(rest, rows[batch:])] if rest.num_rows else []
+            held = rest.num_rows
+    if held:
+        yield pa.concat_tables([p for p, _ in pieces]), np.concatenate([r for _, r in pieces])
+
+
+def _write_outputs(stage: Path, prov: dict[str, Any], ds, df, reasons, keep_idx, rej_idx,  # type: ignore[no-untyped-def]
+                   orig_rows: list[dict[str, Any]], normalize: bool) -> None:
+    import pyarrow as pa
+
     with ShardWriter(stage, "SynthRecord", mode="create", provenance=prov) as w:
-        w.write_table(kept)
+        for kept, rows in rows_in_batches(ds, keep_idx, w.max_rows):  # one output shard per batch
+            if normalize:
+                sub = df.select("caption", "question", "answer")[rows]
+                for c in ("caption", "question", "answer"):
+                    kept = kept.set_column(kept.schema.get_field_index(c), c, sub[c].to_arrow().cast(pa.string()))
+            w.write_table(kept)
     with ShardWriter(stage / "rejected", "QuarantineRecord", mode="create", provenance=prov) as w:
         det = df[DETAIL]
-        for s in range(0, len(rej_idx), 20_000):
-            part = rej_idx[s:s + 20_000]
-            tab = table.take(pa_indices(part))
+        for tab, part in rows_in_batches(ds, rej_idx, 20_000):
             kinds, sources = tab.column("kind").to_pylist(), tab.column("source").to_pylist()
             w.write_table(quarantine_table(
                 [str(reasons[r]) for r in part], [d or "" for d in det.gather(part).to_list()],
