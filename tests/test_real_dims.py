@@ -98,8 +98,10 @@ def test_qwen2_vl_2b_paper_recipe_reduced_depth(rd, tmp_path):
 
 
 def test_qwen25_vl_3b_paper_recipe_reduced_depth(rd, tmp_path):
+    # stage 1 only: stages 2-3 are the 2B test's; this one checks what differs in Qwen2.5-VL (the gated ViT MLP's
+    # adapters, the decoder at hidden 2048, the reload class)
     out = _run(rd, tmp_path, "--models", "qwen2.5-vl-3b", "--text-layers", "1", "--vision-depth", "2",
-               "--stages", "1,3")
+               "--stages", "1")
     assert out["failures"]["qwen2.5-vl-3b"] == [], out["failures"]
     res = out["models"]["qwen2.5-vl-3b"]
     groups = res["stages"]["1"]["trainable"]
