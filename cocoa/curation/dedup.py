@@ -252,11 +252,21 @@ def pair_jaccard(flat: np.ndarray, offsets: np.ndarray, pairs: np.ndarray) -> np
         keys, idx = _uniq_index(f ^ _mix(owner.astype(np.uint64) + salt))
         return keys, owner[idx]
 
-    ka, pa_ = side(pairs[:, 0])
-    kb, pb_ = side(pairs[:, 1])
-    both = np.sort(np.concatenate([ka, kb]))
-    shared = both[1:][both[1:] == both[:-1]]  # keys on both sides (unique within each side)
-    inter = np.bincount(pa_[np.isin(ka, shared, assume_unique=True)], minlength=len(pairs)).astype(np.float64)
+    if len(pairs) >= 10_000:  # numpy releases the GIL in the sorts: the two sides side by side
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(2) as pool:
+            (ka, pa_), (kb, pb_) = pool.map(side, [pairs[:, 0], pairs[:, 1]])
+    else:
+        (ka, pa_), (kb, pb_) = side(pairs[:, 0]), side(pairs[:, 1])
+    # keys of side a also on side b (both sorted and unique): a binary search, no third sort
+    if len(kb):
+        pos = np.searchsorted(kb, ka)
+        pos[pos == len(kb)] = 0
+        in_b = kb[pos] == ka
+    else:
+        in_b = np.zeros(len(ka), dtype=bool)
+    inter = np.bincount(pa_[in_b], minlength=len(pairs)).astype(np.float64)
     na = np.bincount(pa_, minlength=len(pairs))
     nb = np.bincount(pb_, minlength=len(pairs))
     return (inter / np.maximum(na + nb - inter, 1)).astype(np.float32)
