@@ -721,6 +721,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     full_args = ["--text-layers", "0", "--vision-depth", "0", "--stages", ",".join(full), "--steps", "1",
                  "--batch12", "1", "--batch3", "2", "--micro", "1"]
     results["full_depth"] = {}
+    if a.work:
+        Path(a.work).mkdir(parents=True, exist_ok=True)  # --work DIR that does not exist yet: made, not a traceback
     with tempfile.TemporaryDirectory(prefix="cocoa-real-dims-", dir=a.work) as tmp:
         for n in names:
             for phase, extra in (("recipe", []), ("full_depth", full_args if full else None)):
