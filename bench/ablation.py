@@ -377,6 +377,9 @@ def plan_tasks(paths: Paths, st: Settings, choices: dict[str, Any]) -> list[Task
     if lr is not None:
         for cfg in st.configs:
             add_s3("s123", cfg, lr, s0)
+        if "s3" in st.arms:  # the baseline's other seeds need only the lr: they fill idle slots during the config sweep
+            for seed in st.seeds:
+                add_s3("s3", None, lr, seed)
     cfg = choices.get("config")
     if lr is not None and cfg is not None:
         for seed in st.seeds:

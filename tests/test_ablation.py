@@ -59,6 +59,9 @@ def test_task_graph_unlocks_with_the_choices(ab, tmp_path):
     second = {t.name: t for t in ab.plan_tasks(paths, st, {"s3_lr": 3e-4})}
     assert {"s123-full-lr0.0003-seed0", "s123-dora-lr0.0003-seed0", "s123-full-strict-lr0.0003-seed0"} < set(second)
     assert second["s123-dora-lr0.0003-seed0"].deps == ["pre-dora-12-seed0"]
+    # the baseline's other seeds need only the lr: they run during the configuration sweep
+    assert {"s3-lr0.0003-seed1", "s3-lr0.0003-seed2"} < set(second) and not second["s3-lr0.0003-seed1"].deps
+    assert not any(n.startswith(("s13-", "s23-", "mech-")) for n in second)
     full = {t.name: t for t in ab.plan_tasks(paths, st, {"s3_lr": 3e-4, "config": "dora"})}
     for seed in (0, 1, 2):
         for arm in ("s3", "s123", "s23", "s13"):
