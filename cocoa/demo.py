@@ -57,7 +57,7 @@ class Sizes:
 
 
 FULL = Sizes(train=2000, eval_per_task=30, distractors=99, pretrain_steps=300, pretrain_batch=16, align_steps=200,
-             align_batch=32, s1_steps=30, s2_steps=30,
+             align_batch=32, s1_steps=200, s2_steps=200,
              s3_steps=100, s12_batch=16, s3_batch=32, compare_base=True)
 FAST = Sizes(train=160, eval_per_task=4, distractors=15, pretrain_steps=4, pretrain_batch=8, align_steps=2,
              align_batch=8, s1_steps=2, s2_steps=2, s3_steps=4,

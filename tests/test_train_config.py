@@ -43,8 +43,10 @@ def test_preset_precedence(tmp_path):
     y.write_text("stage3:\n  lr: 0.001\nlora:\n  r: 4\n")
     c = resolve_preset(TrainConfig.from_yaml(y, {"stage1": {"steps": 7}}))
     assert c.preset == "tiny" and c.lora.method == "full" and c.lora.r == 4
-    assert c.stage3.lr == 0.001 and c.stage1.steps == 7 and c.stage2.lr == 3e-5 and c.stage1.max_length == 256
+    assert c.stage3.lr == 0.001 and c.stage1.steps == 7 and c.stage2.lr == 3e-4 and c.stage1.max_length == 256
     assert c.stage3.batch_size == 64 and c.stage3.temperature == 0.05
+    # stages 1-2 as the ablation chose them (docs/results.md): constant lr, MAE ratio 0.3, the strict mask
+    assert (c.stage1.schedule, c.stage1.image_mask_ratio, c.stage2.mask_variant, c.stage2.steps) == ("constant", 0.3, "strict", 200)
     # a real model: paper defaults unless asked
     p = resolve_preset(TrainConfig.build({"model": "some/dir"}))
     assert p.preset == "paper" and p.lora.method == "dora" and p.stage3.batch_size == 1024
