@@ -1,6 +1,6 @@
 """Does reconstruction raise the ceiling? CoCoA (stages 1,2,3) vs the contrastive-only baseline, at the plateau.
 
-    python bench/ablation.py --root runs/ablation            # the whole plan (~2.5 h on 2 idle cores)
+    python bench/ablation.py --root runs/ablation            # the whole plan (~2 h on 2 idle cores; docs/results.md)
     python bench/ablation.py --root runs/abl-quick --quick   # every arm end to end at toy sizes (~2 min)
     python bench/ablation.py --root runs/ablation --plan     # the tasks and their commands, run nothing
     python bench/ablation.py --root runs/ablation --report-only --png docs/ablation_curves.png
@@ -110,7 +110,7 @@ class Settings:
     extra_pretrain_args: list[str] = field(default_factory=list)
     # stage 3
     s3_lrs: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3])
-    s3_max_steps: int = 800
+    s3_max_steps: int = 1600  # the 2026-12-02 run: 800 cut runs still rising; one of 15 runs reached 1,600
     s3_batch: int = 32
     s3_warmup_steps: int = 10
     eval_every: int = 100

@@ -1,6 +1,6 @@
 """`make demo`: the whole cocoa pipeline on the embedded default, on a CPU, through the real commands.
 
-    python -m cocoa.demo            # ~8 minutes on 2 CPU cores the first time; seconds to re-run
+    python -m cocoa.demo            # ~5-6 minutes on 2 CPU cores the first time; seconds to re-run
     python -m cocoa.demo --fast     # a smoke run with minuscule sizes (about a minute)
     COCOA_DEMO_FAST=1 make demo     # the same through make
 

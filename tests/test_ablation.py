@@ -155,4 +155,4 @@ def test_quick_mode_end_to_end(ab, tmp_path, tiny_model_dir):
     # settings are fixed per root
     p3 = subprocess.run(cmd[:-2] + ["--patience", "3"], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert p3.returncode != 0 and "other settings" in (p3.stderr + p3.stdout)
-    assert asdict(ab.Settings())["s3_max_steps"] == 800
+    assert asdict(ab.Settings())["s3_max_steps"] == 1600
