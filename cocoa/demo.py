@@ -29,12 +29,12 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .tiny.pretrain import PRETRAIN_VERSION
 
@@ -62,6 +62,15 @@ FULL = Sizes(train=2000, eval_per_task=30, distractors=99, pretrain_steps=300, p
 FAST = Sizes(train=160, eval_per_task=4, distractors=15, pretrain_steps=4, pretrain_batch=8, align_steps=2,
              align_batch=8, s1_steps=2, s2_steps=2, s3_steps=4,
              s12_batch=8, s3_batch=8, compare_base=False)
+
+
+def _flags(settings: dict[str, Any], prefix: str = "") -> list[str]:
+    """``{"stage1": {"batch_size": 16}}`` -> ``["--stage1-batch-size", "16"]``: cocoa's flag for each setting."""
+    out: list[str] = []
+    for key, v in settings.items():
+        name = f"{prefix}{key.replace('_', '-')}"
+        out += _flags(v, name + "-") if isinstance(v, dict) else [f"--{name}", str(v)]
+    return out
 
 
 class DemoError(RuntimeError):
@@ -171,36 +180,40 @@ class Demo:
         self.step("tiny MLLM, generatively pre-trained (causal next-token captioning + QA; cached)")
         want = {"steps": s.pretrain_steps, "batch_size": s.pretrain_batch, "align_steps": s.align_steps,
                 "align_batch_size": s.align_batch, "pretrain_version": PRETRAIN_VERSION}
+        stale = False
         if (self.base / "cocoa.json").is_file():
             have = json.loads((self.base / "cocoa.json").read_text()).get("extra", {})
             if all(have.get(k) == v for k, v in want.items()):
                 self.reuse("pretrain", f"the pre-trained base in {self.base}")
             else:  # an older demo's base: everything trained or scored from it is stale too
                 self.say(f"(the base in {self.base} was built with other settings: rebuilding it and what follows)")
-                for d in (self.base, self.run, self.eval, self.eval_base):
-                    shutil.rmtree(d, ignore_errors=True)
-        if not (self.base / "cocoa.json").is_file():
+                stale = True
+        if stale or not (self.base / "cocoa.json").is_file():
+            # --overwrite: the commands replace only their own output (cocoa's ownership marker), never a user's
             self.cmd(["cocoa-train", "pretrain-tiny", "--data", str(self.scenes), "--steps", str(s.pretrain_steps),
                       "--batch-size", str(s.pretrain_batch), "--align-steps", str(s.align_steps),
-                      "--align-batch-size", str(s.align_batch), "--out", str(self.base)], "pretrain")
+                      "--align-batch-size", str(s.align_batch), "--out", str(self.base)]
+                     + (["--overwrite"] if stale else []), "pretrain")
 
         if s.compare_base:
             self.step("evaluate the base before embedding training (the 'before' column)")
-            if (self.eval_base / "results.json").is_file():
+            if not stale and (self.eval_base / "results.json").is_file():
                 self.reuse("eval base", f"{self.eval_base / 'results.json'}")
             else:
                 self.cmd(self.eval_cmd(self.base, self.eval_base, "base (generative only)") + ["--no-plot"],
                          "eval base")
 
         self.step("CoCoA training: stage 1 (bidirectional MAE+MNTP), 2 (EOS-bridged reconstruction), 3 (InfoNCE)")
-        if (self.run / "stage3" / "model" / "cocoa.json").is_file():
+        train = {"stages": "1,2,3", "data": str(self.shards), "model": str(self.base), "preset": "tiny",
+                 "out": str(self.run), "stage1": {"steps": s.s1_steps, "batch_size": s.s12_batch},
+                 "stage2": {"steps": s.s2_steps, "batch_size": s.s12_batch},
+                 "stage3": {"steps": s.s3_steps, "batch_size": s.s3_batch, "micro_batch_size": s.s3_batch}}
+        changed = stale or self.run_changed(train)
+        if changed:  # an older demo's run (other sizes or preset): cocoa-train would refuse to mix the two
+            self.say(f"(the run in {self.run} was trained with other settings: training it again)")
+        elif (self.run / "stage3" / "model" / "cocoa.json").is_file():
             self.say("(every stage is finished: cocoa-train skips them)")
-        self.cmd(["cocoa-train", "--stages", "1,2,3", "--data", str(self.shards), "--model", str(self.base),
-                  "--preset", "tiny", "--out", str(self.run),
-                  "--stage1-steps", str(s.s1_steps), "--stage1-batch-size", str(s.s12_batch),
-                  "--stage2-steps", str(s.s2_steps), "--stage2-batch-size", str(s.s12_batch),
-                  "--stage3-steps", str(s.s3_steps), "--stage3-batch-size", str(s.s3_batch),
-                  "--stage3-micro-batch-size", str(s.s3_batch)], "train")
+        self.cmd(["cocoa-train", *_flags(train)] + (["--overwrite"] if changed else []), "train")
 
         self.step("evaluation on the scenes benchmark (P@1; embeddings cached on disk)")
         model = self.run / "stage3" / "model"
@@ -209,6 +222,24 @@ class Demo:
 
         self.summary(time.time() - t0)
         return 0
+
+    def run_changed(self, train: dict[str, Any]) -> bool:
+        """Whether the run in ``self.run`` started a stage with other settings than ``train`` (cocoa-train's own
+        comparison, so exactly the case in which it would refuse to resume)."""
+        from .config import ConfigError
+        from .errors import CocoaError
+        from .train.config import TrainConfig, resolve_preset
+        from .train.run_dir import settings_diff, started_stages
+
+        prev = self.run / "config.yaml"
+        started = started_stages(self.run) if self.run.is_dir() else []
+        if not started or not prev.is_file():
+            return False
+        try:
+            old = TrainConfig.from_yaml(prev)
+        except (ConfigError, CocoaError, OSError):  # unreadable: cocoa-train says what is wrong with it
+            return False
+        return bool(settings_diff(old, resolve_preset(TrainConfig.build({}, train, where="")), started))
 
     def eval_cmd(self, model: Path, out: Path, label: str) -> list[str]:
         return ["cocoa-eval", "--model", str(model), "--benchmark", "scenes", "--data", str(self.scenes),

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 COMMANDS = [
     "$ cocoa-data scenes",
@@ -47,3 +48,28 @@ def test_fast_demo_runs_the_whole_pipeline(tmp_path):
     base = json.loads((root / "base" / "cocoa.json").read_text())
     assert base["extra"].get("pretrained") == "generative"
     assert "total wall time" in out and str(root / "eval" / "results.md") in out
+
+    # an older demo's folder: a run trained with other settings is trained again (cocoa-train alone would refuse
+    # to mix the two), through cocoa-train's own --overwrite; a re-run with the same settings reuses it
+    cfg = root / "runs" / "cocoa" / "config.yaml"
+    assert yaml.safe_load(cfg.read_text())["stage1"]["schedule"] == "constant"
+    cfg.write_text(cfg.read_text().replace("schedule: constant", "schedule: linear", 1))  # stage 1's
+    assert yaml.safe_load(cfg.read_text())["stage1"]["schedule"] == "linear"
+    r2 = _run_demo(root, cache)
+    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
+    assert "trained with other settings: training it again" in r2.stdout and "--overwrite" in r2.stdout
+    assert yaml.safe_load(cfg.read_text())["stage1"]["schedule"] == "constant"
+    r3 = _run_demo(root, cache)
+    assert r3.returncode == 0 and "every stage is finished" in r3.stdout and "--overwrite" not in r3.stdout
+    # a base built with other settings is rebuilt, and what follows with it; a file of the user's in the
+    # demo's eval folder stays (only the commands' own outputs are replaced)
+    meta = root / "base" / "cocoa.json"
+    m = json.loads(meta.read_text())
+    m["extra"]["steps"] = m["extra"]["steps"] + 1
+    meta.write_text(json.dumps(m))
+    (root / "eval" / "my-notes.txt").write_text("mine")
+    r4 = _run_demo(root, cache)
+    assert r4.returncode == 0, r4.stdout[-3000:] + r4.stderr[-3000:]
+    assert "was built with other settings" in r4.stdout and "trained with other settings" in r4.stdout
+    assert json.loads(meta.read_text())["extra"]["steps"] == m["extra"]["steps"] - 1
+    assert (root / "eval" / "my-notes.txt").read_text() == "mine"
