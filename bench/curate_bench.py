@@ -234,6 +234,59 @@ def _peak_kb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
+class DescendantPeak:
+    """Largest peak RSS (VmHWM, KiB) among this process's descendants, sampled from /proc while they run.
+
+    curate's image workers are forkserver children: they are the forkserver's children, not ours, so
+    RUSAGE_CHILDREN never counts them (it read 0). Each process's VmHWM is its own high-water mark, so a
+    sample taken any time before it exits holds its peak up to then.
+    """
+
+    def __init__(self, every: float = 0.1) -> None:
+        import threading
+        self.every, self.peak_kb, self._stop = every, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "DescendantPeak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.sample()
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.sample()
+
+    def sample(self) -> None:
+        parent: dict[int, int] = {}
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    with open(f"/proc/{d}/stat") as f:  # "pid (comm) state ppid ...": comm may hold spaces
+                        parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+        me, kids = os.getpid(), set()
+        for pid in parent:
+            p, hops = pid, 0
+            while p in parent and p != me and hops < 64:
+                p, hops = parent[p], hops + 1
+            if p == me and pid != me:
+                kids.add(pid)
+        for pid in kids:
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmHWM:"):
+                            self.peak_kb = max(self.peak_kb, int(line.split()[1]))
+                            break
+            except OSError:
+                continue
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
@@ -258,10 +311,11 @@ def main() -> None:
     if args.child:
         ca = json.loads(args.child_args)
         fn = {"cocoa": child_cocoa_dedupe, "datasketch": child_datasketch, "curate": child_curate}[args.child]
-        res = fn(**ca)
+        with DescendantPeak() as workers:
+            res = fn(**ca)
         res["peak_rss_kb"] = _peak_kb()
         # image-analysis worker processes (curate): the largest one's peak RSS
-        res["worker_peak_rss_kb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        res["worker_peak_rss_kb"] = workers.peak_kb
         print(json.dumps(res))
         return
 
