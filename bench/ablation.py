@@ -4,6 +4,7 @@
     python bench/ablation.py --root runs/abl-quick --quick   # every arm end to end at toy sizes (~2 min)
     python bench/ablation.py --root runs/ablation --plan     # the tasks and their commands, run nothing
     python bench/ablation.py --root runs/ablation --report-only --png docs/ablation_curves.png
+    python bench/ablation.py --root runs/abl-fresh --val-seed 303 --test-seed 404   # the same plan on unseen splits
 
 Design (docs/results.md says why each choice; every training step runs through cocoa's own CLI):
 
@@ -142,6 +143,10 @@ class Settings:
             raise SystemExit("give at least one stage-3 learning rate and one stage 1-2 configuration")
         if self.patience < 1:
             raise SystemExit("--patience must be >= 1")
+        split_seeds = {"pretrain": self.pretrain_seed, "train": self.train_seed, "val": self.val_seed, "test": self.test_seed}
+        if len(set(split_seeds.values())) < len(split_seeds):
+            raise SystemExit("the four scenes builds need four different seeds (--pretrain-seed, --train-seed, --val-seed, "
+                             f"--test-seed); got {split_seeds}")
         for name, c in self.configs.items():
             PreConfig(**c)  # raises on unknown keys
             if c["method"] not in ("full", "dora", "lora") or c["mask_variant"] not in ("paper", "strict"):
@@ -954,7 +959,7 @@ def plot_curves(paths: Paths, st: Settings, png: Path) -> Path | None:
 # ---------------------------------------------------------------------------------------------------
 INT_FIELDS = ("train_pairs", "pretrain_pairs", "val_per_task", "test_per_task", "distractors", "pretrain_steps",
               "s3_max_steps", "s3_batch", "s3_warmup_steps", "eval_every", "patience", "s1_steps", "s2_steps",
-              "s12_batch", "eval_batch")
+              "s12_batch", "eval_batch", "pretrain_seed", "train_seed", "val_seed", "test_seed")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

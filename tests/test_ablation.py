@@ -83,6 +83,26 @@ def test_task_graph_unlocks_with_the_choices(ab, tmp_path):
     assert strict[strict.index("--stage2-mask-variant") + 1] == "strict" and "--stage1-steps" not in strict
 
 
+def test_split_seeds_are_flags_for_repeating_on_unseen_splits(ab, tmp_path, monkeypatch):
+    paths = ab.Paths(tmp_path / "fresh")
+    st = ab.settings_from(ab.parse(["--root", str(paths.root), "--val-seed", "303", "--test-seed", "404"]), paths)
+    assert (st.val_seed, st.test_seed, st.train_seed, st.pretrain_seed) == (303, 404, 0, 7)
+    # the scenes builds take them (the runner records each command instead of running it)
+    ran = []
+    monkeypatch.setattr(ab, "sh", lambda paths, cmd, *a, **k: ran.append(cmd) or 0.0)
+    ab.prepare(paths, st, threads=1)
+    seeds = {c[c.index("--out") + 1]: c[c.index("--seed") + 1] for c in ran if c[:2] == ["cocoa-data", "scenes"]}
+    assert seeds == {str(paths.pretrain): "7", str(paths.train): "0", str(paths.val): "303", str(paths.test): "404"}
+    # validation and test must be different scenes sets
+    with pytest.raises(SystemExit, match="four different seeds"):
+        ab.settings_from(ab.parse(["--root", str(tmp_path / "x"), "--val-seed", "5", "--test-seed", "5"]), ab.Paths(tmp_path / "x"))
+    # a root keeps the splits it was started with
+    paths.root.mkdir(parents=True, exist_ok=True)
+    paths.settings.write_text(json.dumps(asdict(st)))
+    with pytest.raises(SystemExit, match="test_seed"):
+        ab.settings_from(ab.parse(["--root", str(paths.root), "--val-seed", "303", "--test-seed", "405"]), paths)
+
+
 def _result(ab, st, arm, seed, best, eq, val=0.2):
     cols = {c: best for c in ab.COLUMNS}
     colb = {c: eq for c in ab.COLUMNS}
