@@ -359,7 +359,8 @@ def stage3_input(paths: Paths, arm: str, cfg: str | None, seed: int) -> tuple[Pa
 
 
 def plan_tasks(paths: Paths, st: Settings, choices: dict[str, Any]) -> list[Task]:
-    """Every task known so far: the two sweeps (seed 0) always; the main arms once both choices are made."""
+    """Every task known so far: the two sweeps (seed 0) always; the main arms once both choices are made (a sweep of
+    one value is made before it runs)."""
     tasks: dict[str, Task] = {}
 
     def add_s3(arm: str, cfg: str | None, lr: float, seed: int) -> None:
@@ -374,18 +375,23 @@ def plan_tasks(paths: Paths, st: Settings, choices: dict[str, Any]) -> list[Task
     s0 = st.seeds[0]
     for lr in st.s3_lrs:  # stage-3 lr of the baseline, on validation
         add_s3("s3", None, lr, s0)
-    for cfg in st.configs:  # stage-1/2 configurations (their stage 1,2 runs start at once)
-        stages = "1,2"
-        n = pre_name(cfg, stages, s0)
-        tasks.setdefault(n, Task(n, "pre", [], {"cfg": cfg, "stages": stages, "seed": s0}))
-    lr = choices.get("s3_lr")
+    for c in st.configs:  # stage-1/2 configurations (their stage 1,2 runs start at once)
+        n = pre_name(c, "1,2", s0)
+        tasks.setdefault(n, Task(n, "pre", [], {"cfg": c, "stages": "1,2", "seed": s0}))
+    # a sweep of one is decided before it runs: what waits on its choice can start at once
+    lr = choices.get("s3_lr", st.s3_lrs[0] if len(st.s3_lrs) == 1 else None)
+    cfg = choices.get("config", next(iter(st.configs)) if len(st.configs) == 1 else None)
+    if cfg is not None:  # the configuration's stage 1-2 runs need no stage-3 lr
+        for seed in st.seeds:
+            for stages in ("1,2", "2") if "s23" in st.arms else ("1,2",):  # 1,2: every seed's mechanism reads it
+                n = pre_name(cfg, stages, seed)
+                tasks.setdefault(n, Task(n, "pre", [], {"cfg": cfg, "stages": stages, "seed": seed}))
     if lr is not None:
-        for cfg in st.configs:
-            add_s3("s123", cfg, lr, s0)
+        for c in st.configs:
+            add_s3("s123", c, lr, s0)
         if "s3" in st.arms:  # the baseline's other seeds need only the lr: they fill idle slots during the config sweep
             for seed in st.seeds:
                 add_s3("s3", None, lr, seed)
-    cfg = choices.get("config")
     if lr is not None and cfg is not None:
         for seed in st.seeds:
             for arm in st.arms:

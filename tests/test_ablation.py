@@ -72,6 +72,18 @@ def test_task_graph_unlocks_with_the_choices(ab, tmp_path):
     assert s13.deps == ["pre-dora-12-seed1"] and s13.info["input"].endswith(os.path.join("train", "stage1", "model"))
     assert full["s23-dora-lr0.0003-seed1"].deps == ["pre-dora-2-seed1"]
     assert full["s3-lr0.0003-seed2"].info["input"] == str(paths.base)
+    # a sweep of one value needs no choice: with one configuration its stage 1-2 runs for every seed start at once,
+    # with one lr too, every task is known before anything has run (no slot waits on seed 0's runs)
+    one_cfg = ab.Settings(configs={"full-strict": st.configs["full-strict"]})
+    pre = {t.name for t in ab.plan_tasks(paths, one_cfg, {}) if t.kind == "pre"}
+    assert pre == {f"pre-full-strict-{s}-seed{seed}" for s in ("12", "2") for seed in (0, 1, 2)}
+    both = ab.Settings(configs=one_cfg.configs, s3_lrs=[3e-4])
+    known = {t.name: t for t in ab.plan_tasks(paths, both, {})}
+    assert set(known) == {t.name for t in ab.plan_tasks(paths, both, {"s3_lr": 3e-4, "config": "full-strict"})}
+    assert {f"mech-seed{seed}" for seed in (0, 1, 2)} < set(known) and "s13-full-strict-lr0.0003-seed2" in known
+    base_only = ab.Settings(configs=one_cfg.configs, arms=["s3"])
+    assert {t.name for t in ab.plan_tasks(paths, base_only, {}) if t.kind == "pre"} == {
+        f"pre-full-strict-12-seed{seed}" for seed in (0, 1, 2)}  # the mechanism's stage 1,2 runs
     # commands: stage 3 identical across arms but for the input; DoRA only in stages 1-2
     c3 = ab.s3_command(paths, st, "x", paths.base, 3e-4, 1)
     assert c3[c3.index("--lora-method") + 1] == "full" and c3[c3.index("--stage3-schedule") + 1] == "constant"
