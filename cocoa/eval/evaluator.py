@@ -355,6 +355,10 @@ def _evaluate(*, t0: float, rank: int, world: int, local_rank: int, embedder: An
             box2 = [result]
             dist.broadcast_object_list(box2, src=0)
             result = box2[0]
+            # every rank arrives at the teardown together: a rank that destroyed its gloo group while rank 0 was
+            # still finishing the broadcast aborted once in CI ("terminate called without an active exception",
+            # SIGABRT); the training side ends each stage on a barrier the same way
+            dist.barrier()
     finally:
         for s_ in sets:
             src = s_.meta.get("image_source")
