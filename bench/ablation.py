@@ -1,6 +1,6 @@
 """Does reconstruction raise the ceiling? CoCoA (stages 1,2,3) vs the contrastive-only baseline, at the plateau.
 
-    python bench/ablation.py --root runs/ablation            # the whole plan (~2 h on 2 idle cores; docs/results.md)
+    python bench/ablation.py --root runs/ablation            # the whole plan (2 h 09 min on 2 idle cores; docs/results.md)
     python bench/ablation.py --root runs/abl-quick --quick   # every arm end to end at toy sizes (~2 min)
     python bench/ablation.py --root runs/ablation --plan     # the tasks and their commands, run nothing
     python bench/ablation.py --root runs/ablation --report-only --png docs/ablation_curves.png
